@@ -1,0 +1,172 @@
+"""The training configuration: defaults are the paper's recipe (METHOD.md section 4); every field is a CLI flag
+(``--batch-size`` for ``batch_size``) and may also come from a YAML file (``--config run.yaml``). Precedence:
+command line > YAML > defaults. The resolved config is written to every run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    method: str = "mde"  # baseline | independent | dml | one | cl_ilr | okddip | mde
+    arch: str = "resnet32"  # resnet8/20/32/56/110, wrn20_8, vgg16, densenet40_12 (see --list-archs)
+    branches: int | None = None  # K; None: the method's default (3; okddip 4; baseline 1)
+    # data
+    dataset: str = "cifar100"  # cifar10 | cifar100 | cinic10 | synthetic
+    data_dir: str | None = None  # default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data
+    download: bool = False  # fetch the data set when it is missing (needs internet)
+    subset: int | None = None  # N: seeded subset of N training and N/5 test images, for quick runs
+    workers: int = 2  # DataLoader worker processes
+    # optimisation (OKDDip code: SGD nesterov, wd 5e-4, lr 0.1, /10 at epochs 150 and 225 of 300, batch 128)
+    epochs: int = 300
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # <1: fractions of epochs; else epochs
+    lr_gamma: float = 0.1
+    # distillation
+    temperature: float = 3.0
+    alpha: float = 1.0
+    rampup_epochs: float | None = None  # L of w(e); None: 80 epochs per 300 (scaled to --epochs)
+    detach_teacher: bool | None = None  # None: each method's reference-code default
+    cd_weight: float = 1.0  # lambda_CD of mde
+    label_smoothing: float = 0.0
+    fused_loss: str = "auto"  # auto | on | off: fused Triton loss (CUDA) or the PyTorch reference
+    # speed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # off | bf16 | fp16 | auto (bare --amp): bf16 where supported, else fp16 + GradScaler
+    channels_last: bool = False
+    compile: str = "off"  # off | default | max-autotune | reduce-overhead (bare --compile: default)
+    # bookkeeping
+    seed: int = 0
+    deterministic: bool = False  # bit-reproducible kernels (slower); needed for exact resume equality on GPU
+    out: str | None = None  # run folder; default runs/<method>_<arch>_<dataset>_k<K>_s<seed>
+    resume: str | None = None  # PATH to last.pt/best.pt, or 'auto' (the run folder's last.pt if it exists)
+    best_metric: str = "acc_branch_mean"  # which test metric picks best.pt
+    max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests, benchmarks)
+    progress: str = "auto"  # auto | on | off: the tqdm bar (auto: only on a terminal)
+
+    def resolved_milestones(self) -> list[int]:
+        return [int(round(m * self.epochs)) if m < 1 else int(m) for m in self.milestones]
+
+    def resolved_rampup(self) -> float:
+        return self.rampup_epochs if self.rampup_epochs is not None else 80.0 * self.epochs / 300.0
+
+    def validate(self) -> None:
+        def bad(name: str, value: Any, fix: str) -> None:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: {fix}")
+
+        if self.epochs < 0:
+            bad("epochs", self.epochs, "must be >= 0")
+        if self.batch_size < 1:
+            bad("batch_size", self.batch_size, "must be >= 1")
+        if self.eval_batch_size < 1:
+            bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.branches is not None and not 1 <= self.branches <= 8:
+            bad("branches", self.branches, "K must be between 2 and 8 (1 only for --method baseline)")
+        if not self.lr > 0:
+            bad("lr", self.lr, "must be > 0")
+        if not self.temperature > 0:
+            bad("temperature", self.temperature, "must be > 0")
+        if self.subset is not None and self.subset < 5:
+            bad("subset", self.subset, "must be >= 5 (N training and N/5 test images)")
+        if self.amp not in ("off", "bf16", "fp16", "auto"):
+            bad("amp", self.amp, "use off, bf16, fp16 or auto")
+        if self.compile not in ("off", "default", "max-autotune", "reduce-overhead"):
+            bad("compile", self.compile, "use off, default, max-autotune or reduce-overhead")
+        if self.fused_loss not in ("auto", "on", "off"):
+            bad("fused_loss", self.fused_loss, "use auto, on or off")
+        if self.progress not in ("auto", "on", "off"):
+            bad("progress", self.progress, "use auto, on or off")
+        if self.workers < 0:
+            bad("workers", self.workers, "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HELP = {
+    "method": "the method to train",
+    "arch": "backbone architecture",
+    "branches": "number of branches K (default: the method's)",
+    "dataset": "cifar10 | cifar100 | cinic10 | synthetic (offline, generated in memory)",
+    "data_dir": "folder holding the data set (default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data)",
+    "download": "download the data set if it is missing (needs internet)",
+    "subset": "train on a seeded subset of N images (and test on N/5)",
+    "milestones": "epochs where lr is multiplied by --lr-gamma; values < 1 are fractions of --epochs",
+    "rampup_epochs": "length L of the KD ramp-up w(e); default 80 per 300 epochs",
+    "detach_teacher": "stop the gradient into KD targets (default: each method's reference-code choice)",
+    "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto)",
+    "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default)",
+    "resume": "checkpoint to resume from, or 'auto' for the run folder's last.pt",
+    "max_steps": "stop after this many optimizer steps (for smoke tests and benchmarks)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m okdfast.train",
+        description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of config values (flags override it)")
+    parser.add_argument("--list-archs", action="store_true", help="print the registered architectures and exit")
+    parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        if f.name in ("amp", "compile"):
+            const = "auto" if f.name == "amp" else "default"
+            parser.add_argument(_flag(f.name), nargs="?", const=const, default=default, help=help_text)
+        elif f.type in ("bool",):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.type == "bool | None":
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "milestones":
+            parser.add_argument(_flag(f.name), type=float, nargs="+", default=default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text)
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of config keys, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {unknown}; known keys: {sorted(known)}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Command line (and optional YAML) -> validated TrainConfig, plus the raw namespace for the --list flags."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml(pre.config))
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**values)
+    config.validate()
+    return config, args

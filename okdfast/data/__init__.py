@@ -1,0 +1,32 @@
+"""Data sets (CIFAR-10/100, CINIC-10, synthetic) held in memory as uint8 arrays, and the plain torch loaders.
+
+    splits = load_dataset("cifar100", data_dir=None, download=False, subset=None, seed=0)
+    train_loader, test_loader = build_loaders(splits, batch_size=128, num_workers=2, seed=0)
+
+One responsibility per file: ``registry`` (names -> builders, ``load_dataset``, ``DatasetSplits``), ``locate``
+(search paths, ``DatasetNotFoundError``, network timeouts), ``stats`` (mean/std, classes), ``arrays``
+(``ArrayDataset``), ``cifar`` (pickle and ``.npz`` readers), ``cinic`` (ImageFolder reader + cache), ``synthetic``,
+``transforms`` (the batched augmentation and its torchvision reference), ``loader`` (``build_loaders``).
+"""
+
+from okdfast.data import cifar, cinic, synthetic  # noqa: F401  (importing them registers the built-in data sets)
+from okdfast.data.arrays import ArrayDataset
+from okdfast.data.loader import EpochLoader, build_loaders
+from okdfast.data.locate import DatasetNotFoundError
+from okdfast.data.registry import DATASETS, DatasetSplits, list_datasets, load_dataset, register_dataset
+from okdfast.data.stats import STATS, DatasetStats, dataset_stats
+
+__all__ = [
+    "DATASETS",
+    "STATS",
+    "ArrayDataset",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "DatasetStats",
+    "EpochLoader",
+    "build_loaders",
+    "dataset_stats",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]

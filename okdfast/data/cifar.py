@@ -1,0 +1,218 @@
+"""CIFAR-10 / CIFAR-100 readers: the official python-pickle folders and ``.npz`` arrays.
+
+Accepted inside a data folder ``<dir>`` (first match wins; ``<dir>`` itself may also be one of the folders, or an
+``.npz`` file, when passed explicitly as ``data_dir``):
+
+- ``<dir>/cifar-10-batches-py/`` with ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` (the "python
+  version" from https://www.cs.toronto.edu/~kriz/cifar.html, what ``torchvision.datasets.CIFAR10`` downloads);
+  each file is a pickled dict with ``b'data'`` uint8 (N, 3072) -- the R, G, B planes of 32x32, row-major -- and
+  ``b'labels'``;
+- ``<dir>/cifar-100-python/`` with ``train`` and ``test`` (labels from ``b'fine_labels'``, 100 classes);
+- ``<dir>/cifar10.npz`` / ``<dir>/cifar100.npz``, or either form inside ``<dir>/cifar10/`` / ``<dir>/cifar100/``.
+
+The ``.npz`` layout: ``x_train`` uint8 (N, 32, 32, 3), ``y_train`` int (N,), ``x_test``, ``y_test``. Also accepted:
+key names ``train_x``/``train_y``/``test_x``/``test_y`` or ``train_images``/``train_labels``/... in any letter
+case; images as NCHW (N, 3, 32, 32) or CIFAR's flat planar (N, 3072); any integer image dtype with values in
+0..255; labels of shape (N, 1). Float images are refused (their scale is ambiguous). Optional ``x_valid``/
+``y_valid`` (or ``x_val``, ``valid_x``, ...) are read where a data set has a validation split (CINIC-10).
+
+The pickle files are read with ``pickle``, which can run code stored in a file: read only the official archive.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from okdfast.data.arrays import ArrayDataset
+from okdfast.data.locate import check_host_reachable, dedupe, network_timeout, not_found
+from okdfast.data.registry import DatasetSplits, register_dataset
+from okdfast.data.stats import dataset_stats
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+# name -> (pickle folder, files that mark it, npz file name, subfolder)
+_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "test_batch"), "cifar10.npz", "cifar10"),
+    "cifar100": ("cifar-100-python", ("train", "test"), "cifar100.npz", "cifar100"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python-pickle folders
+# ---------------------------------------------------------------------------------------------------------------
+def _unpickle(path: Path) -> dict[str, Any]:
+    # The official files were written by Python 2: keys (and strings) are bytes.
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    d = _unpickle(path)
+    if "data" not in d or label_key not in d:
+        raise ValueError(f"{path}: expected keys b'data' and b'{label_key}', found {sorted(d)}")
+    data = np.asarray(d["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' must be (N, 3072) uint8, got {data.shape}")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planar CHW rows -> HWC
+    labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+def read_cifar10_pickle(folder: str | Path) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) from a ``cifar-10-batches-py`` folder (``data_batch_1..5``, ``test_batch``)."""
+    folder = Path(folder)
+    batches = [_read_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
+    x_test, y_test = _read_batch(folder / "test_batch", "labels")
+    x_train = np.concatenate([b[0] for b in batches])
+    y_train = np.concatenate([b[1] for b in batches])
+    return ArrayDataset(x_train, y_train, 10), ArrayDataset(np.ascontiguousarray(x_test), y_test, 10)
+
+
+def read_cifar100_pickle(folder: str | Path) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) from a ``cifar-100-python`` folder (``train``, ``test``; the 100 fine labels)."""
+    folder = Path(folder)
+    x_train, y_train = _read_batch(folder / "train", "fine_labels")
+    x_test, y_test = _read_batch(folder / "test", "fine_labels")
+    return (
+        ArrayDataset(np.ascontiguousarray(x_train), y_train, 100),
+        ArrayDataset(np.ascontiguousarray(x_test), y_test, 100),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .npz arrays
+# ---------------------------------------------------------------------------------------------------------------
+_SPLIT_ALIASES = {"train": ("train",), "test": ("test",), "valid": ("valid", "val", "validation")}
+_KIND_ALIASES = {"x": ("x", "images", "data"), "y": ("y", "labels", "targets")}
+
+
+def _find_key(keys: dict[str, str], split: str, kind: str) -> str | None:
+    for s in _SPLIT_ALIASES[split]:
+        for k in _KIND_ALIASES[kind]:
+            for candidate in (f"{k}_{s}", f"{s}_{k}"):
+                if candidate in keys:
+                    return keys[candidate]
+    return None
+
+
+def _as_hwc_uint8(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim == 2 and x.shape[1] == 3 * 32 * 32:
+        x = x.reshape(-1, 3, 32, 32)
+    if x.ndim == 4 and x.shape[1:] == (3, 32, 32):
+        x = x.transpose(0, 2, 3, 1)
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise ValueError(f"{where}: expected images (N, 32, 32, 3), (N, 3, 32, 32) or (N, 3072), got {x.shape}")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{where}: expected uint8 images (0..255), got {x.dtype}; convert before saving")
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(f"{where}: integer images must lie in 0..255, got [{x.min()}, {x.max()}]")
+        x = x.astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+def read_npz(path: str | Path, num_classes: int | None = None) -> dict[str, ArrayDataset]:
+    """The splits of an ``.npz`` file (layout in the module docstring): ``train``, ``test``, ``valid`` if present."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        keys = {k.lower(): k for k in z.files}
+        out: dict[str, ArrayDataset] = {}
+        for split in ("train", "test", "valid"):
+            kx, ky = _find_key(keys, split, "x"), _find_key(keys, split, "y")
+            if kx is None or ky is None:
+                if split == "valid":
+                    continue
+                raise ValueError(f"{path}: no {split} arrays; expected keys x_{split}, y_{split}, found {z.files}")
+            x = _as_hwc_uint8(z[kx], f"{path}[{kx}]")
+            y = z[ky]
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"{path}[{ky}]: expected integer labels (N,), got {y.dtype} {y.shape}")
+            out[split] = ArrayDataset(x, y.astype(np.int64), num_classes)
+    if num_classes is None:  # infer one class count for all splits
+        c = max(d.num_classes for d in out.values())
+        out = {k: ArrayDataset(d.images, d.labels, c) for k, d in out.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# builders
+# ---------------------------------------------------------------------------------------------------------------
+def _candidates(name: str, root: Path) -> list[Path]:
+    folder, _, npz, sub = _LAYOUT[name]
+    return [root / folder, root / npz, root / sub / folder, root / sub / npz, root / sub, root]
+
+
+def _is_pickle_folder(name: str, path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in _LAYOUT[name][1])
+
+
+def find_cifar(name: str, roots: list[Path]) -> tuple[Path | None, list[Path]]:
+    """The first pickle folder or ``.npz`` file of ``name`` under ``roots``, and every path tried."""
+    tried = dedupe([c for root in roots for c in _candidates(name, root)])
+    for path in tried:
+        if _is_pickle_folder(name, path) or (path.is_file() and path.suffix == ".npz"):
+            return path, tried
+    return None, tried
+
+
+def _layouts(name: str) -> list[str]:
+    folder, files, npz, sub = _LAYOUT[name]
+    pickled = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test, meta"
+    return [
+        f"<dir>/{folder}/ ({pickled}: the python version from {CIFAR_URL})",
+        f"<dir>/{npz} (x_train (N,32,32,3) uint8, y_train (N,), x_test, y_test)",
+        f"<dir>/{sub}/{folder}/ or <dir>/{sub}/{npz}",
+    ]
+
+
+def download_cifar(name: str, root: Path) -> None:
+    """Fetch ``name`` with torchvision into ``root`` (it extracts ``cifar-10-batches-py`` / ``cifar-100-python``)."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    check_host_reachable(cls.url)
+    root.mkdir(parents=True, exist_ok=True)
+    with network_timeout():
+        cls(root=str(root), train=True, download=True)
+
+
+def load_cifar(name: str, roots: list[Path], *, download: bool = False) -> DatasetSplits:
+    """Find (or download) CIFAR-10/100 under ``roots`` and read it."""
+    path, tried = find_cifar(name, roots)
+    if path is None and download:
+        try:
+            download_cifar(name, roots[0])
+        except Exception as e:  # network, disk or checksum failure: report it with the paths tried
+            raise not_found(name, tried, _layouts(name), roots, reason=f"{type(e).__name__}: {e}") from e
+        path, tried = find_cifar(name, roots)
+    if path is None:
+        raise not_found(name, tried, _layouts(name), roots)
+    stats = dataset_stats(name)
+    if path.is_file():
+        splits = read_npz(path, stats.num_classes)
+        train, test, kind = splits["train"], splits["test"], "npz"
+    else:
+        reader = read_cifar10_pickle if name == "cifar10" else read_cifar100_pickle
+        (train, test), kind = reader(path), "pickle"
+    return DatasetSplits(train, test, stats.num_classes, stats.mean, stats.std, name, f"{path.absolute()} ({kind})")
+
+
+@register_dataset("cifar10")
+def build_cifar10(roots: list[Path], *, download: bool = False, seed: int = 0) -> DatasetSplits:
+    return load_cifar("cifar10", roots, download=download)
+
+
+@register_dataset("cifar100")
+def build_cifar100(roots: list[Path], *, download: bool = False, seed: int = 0) -> DatasetSplits:
+    return load_cifar("cifar100", roots, download=download)

@@ -1,0 +1,113 @@
+"""Data sets registered by name (timm style): ``@register_dataset("cifar10")``, ``load_dataset``, ``list_datasets``.
+
+A registered builder is ``fn(roots, *, download, seed, **options) -> DatasetSplits``: ``roots`` are the folders
+to search in order (``okdfast.data.locate.search_roots``), ``options`` the data-set specific keyword arguments
+that :func:`load_dataset` passes through (e.g. ``include_valid`` for ``cinic10``, ``num_classes`` for
+``synthetic``). Built in: ``cifar10``, ``cifar100``, ``cinic10``, ``synthetic``, ``synthetic100``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from okdfast.data.arrays import ArrayDataset
+from okdfast.data.locate import search_roots
+from okdfast.data.stats import RGB
+
+
+@dataclass
+class DatasetSplits:
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    mean: RGB  # per-channel normalisation on the [0, 1] scale
+    std: RGB
+    name: str  # the registered name, e.g. "cifar100"
+    source: str  # human-readable origin: a path, or "synthetic(seed=...)"
+
+    def subset(self, n: int, seed: int = 0) -> DatasetSplits:
+        """``n`` training and ``max(1, n // 5)`` test images (capped at the test set), class-stratified, seeded.
+
+        mean/std stay the data set's own constants: a subset is a sample of the same distribution.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"subset={n!r}: must be a positive int (number of training images)")
+        if n > len(self.train):
+            raise ValueError(f"subset={n} exceeds the {len(self.train)} training images of {self.name}")
+        n_test = min(max(1, n // 5), len(self.test))
+        return dataclasses.replace(
+            self,
+            train=self.train.subset(n, seed),
+            test=self.test.subset(n_test, seed + 1),
+            source=f"{self.source} [subset train={n} test={n_test} seed={seed}]",
+        )
+
+
+DatasetBuilder = Callable[..., DatasetSplits]
+
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Decorator: register ``fn(roots, *, download, seed, **options) -> DatasetSplits`` under ``name``."""
+
+    def decorator(fn: DatasetBuilder) -> DatasetBuilder:
+        if name in DATASETS:
+            raise ValueError(f"dataset name {name!r} is already registered (by {DATASETS[name].__module__})")
+        DATASETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _load_builtin() -> None:
+    # The reader files register themselves on import; importing the package imports them all.
+    import okdfast.data  # noqa: F401
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching the fnmatch ``pattern`` (e.g. ``"cifar*"``)."""
+    _load_builtin()
+    return sorted(fnmatch.filter(DATASETS, pattern))
+
+
+def _canonical(name: str) -> str:
+    # "CIFAR-10", "cifar_10" and "cifar10" all name the same data set.
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    subset: int | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> DatasetSplits:
+    """Load the data set ``name`` into memory.
+
+    data_dir: where to look (default: ``$OKDFAST_DATA``, else ``./data`` then ``~/.cache/okdfast/data``).
+    download: fetch a missing data set into the first of those folders (network steps time out after 10 s).
+    subset: keep a seeded, class-stratified ``subset`` training images and ``subset // 5`` test images.
+    seed: seeds the subset draw and the synthetic generator.
+    options: passed to the builder (``include_valid=True`` for ``cinic10``; ``num_classes``, ``train_size``,
+        ``test_size`` for ``synthetic``).
+    Raises :class:`~okdfast.data.locate.DatasetNotFoundError` when the files are in none of the searched places.
+    """
+    _load_builtin()
+    key = _canonical(name)
+    builders = {_canonical(k): k for k in DATASETS}
+    if key not in builders:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    roots: list[Path] = search_roots(data_dir)
+    splits = DATASETS[builders[key]](roots, download=download, seed=seed, **options)
+    if subset is not None:
+        splits = splits.subset(subset, seed)
+    return splits

@@ -1,0 +1,28 @@
+"""``baseline``: one plain network trained with cross-entropy (the single-model row of every table)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
+from okdfast.methods.registry import register_method
+from okdfast.models import MultiBranchNet
+
+
+@register_method
+class Baseline(Method):
+    name = "baseline"
+    default_branches = 1
+    min_branches = 1
+
+    def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
+        if config.num_branches != 1:
+            raise ValueError(f"method 'baseline' trains one network: use --branches 1, got {config.num_branches}")
+        super().__init__(arch, num_classes, config)
+        self.net = MultiBranchNet(arch, num_classes, num_branches=1)
+
+    def forward(self, images: Tensor) -> MethodOutput:
+        return MethodOutput(self.net(images).logits)
+
+    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
+        return LossTerms(*self.online_kd(output.logits, target, kd_scale=0.0))

@@ -1,0 +1,97 @@
+"""The two pieces every backbone is cut into: a shared trunk and a factory of branches (METHOD.md section 1).
+
+An architecture file builds an :class:`ArchParts`: the trunk (stem + early stages, shared by the K branches in the
+ONE-style network) and ``make_branch``, which returns a fresh, independently initialised :class:`Branch` (the last
+stage(s) + global pool + classifier) on every call. :mod:`okdfast.models.multibranch` assembles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+class GlobalAvgPool(nn.Module):
+    """(B, D, H, W) -> (B, D): mean over the spatial dims (any memory format, no reshape copy)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3))
+
+
+class GlobalMaxPool(nn.Module):
+    """(B, D, H, W) -> (B, D): max over the spatial dims (VGG's last 2x2 max-pool on a 2x2 map)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.amax((2, 3))
+
+
+class Branch(nn.Module):
+    """One branch: ``body`` (trunk output -> last-block features) then pool (+ head) + ``classifier``.
+
+    ``forward(x)`` returns ``(features (B, D, H, W), logits (B, C))``; ``classify(features)`` maps features to
+    logits, so a caller that changes the features (e.g. a fusion module) can reuse the branch's head.
+    ``classifier`` is always the final ``nn.Linear(D_pool -> C)``; the CD loss reads ``classifier.weight``.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        classifier: nn.Linear,
+        pool: nn.Module | None = None,
+        head: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.pool = pool if pool is not None else GlobalAvgPool()
+        self.head = head if head is not None else nn.Identity()  # extra layers between pool and classifier
+        self.classifier = classifier
+
+    def classify(self, features: Tensor) -> Tensor:
+        """(B, D, H, W) last-block features -> (B, C) logits."""
+        return self.classifier(self.head(self.pool(features)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(x)
+        return features, self.classify(features)
+
+
+@dataclass
+class ArchParts:
+    """A backbone cut into a shared trunk and a branch factory; shapes assume a (B, 3, 32, 32) input."""
+
+    trunk: nn.Module  # (B, 3, 32, 32) -> (B, trunk_channels, Ht, Wt)
+    make_branch: Callable[[], Branch]  # a fresh, independently initialised branch on every call
+    trunk_channels: int  # channels of the trunk output (what ONE's gate pools)
+    feature_channels: int  # D of a branch's last-block features
+    feature_size: int  # H == W of the last-block features
+    num_classes: int
+
+
+def init_weights(module: nn.Module, *, conv_mode: str = "fan_out", linear_std: float | None = None) -> nn.Module:
+    """Kaiming-normal convs (``conv_mode``, ReLU gain, bias 0), BN weight 1 / bias 0 (METHOD.md section 1).
+
+    Linear layers keep torch's default init unless ``linear_std`` is given: then N(0, linear_std^2), bias 0
+    (what the OKDDip VGG code does). Returns ``module`` for chaining.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
