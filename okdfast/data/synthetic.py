@@ -5,13 +5,22 @@ plane waves with integer frequencies of 1-3 cycles per image, unique per class);
 and a background colour. Classes ``c`` and ``c + P`` share a palette (``P = round(sqrt(C))`` palettes), so the
 mean colour only tells the palette group apart and a classifier has to read the texture. Every image draws its
 own circular shift of the texture (any of the 32x32 positions), threshold (how much is foreground), edge
-sharpness, colour jitter, contrast, brightness and pixel noise. The class signal is spatial but position-free,
-so the random crop (4-px padding) and horizontal flip keep it.
+sharpness, colour jitter, contrast, brightness and pixel noise, and a distractor: another class's texture at its
+own shift, mixed in at a random weight up to ``DISTRACTOR_MAX`` of the class's own (so accuracy saturates below
+100% slowly, as on real data). The class signal is spatial but position-free, so the random crop (4-px padding)
+and horizontal flip keep it; a texture's mirror image is never another class's texture.
 
-Measured (``okdfast/data`` report, 2 CPU cores): a 3-conv CNN trained 300 steps of batch 64 with the CIFAR
-augmentation reaches well above chance, not 100%; a linear classifier on the mean colour stays far below it.
-Generation of 6000 images takes well under a second. ``synthetic100`` is the 100-class variant
-(10000 / 2000 images by default).
+Measured on 2 shared CPU cores (seed 0; a CNN of 3 conv layers 32/64/128 with BN, max-pool, global average
+pool; SGD lr 0.05 nesterov, wd 5e-4; batch 64 through ``build_loaders`` with the crop/flip augmentation):
+
+    data set       chance  step 50  step 100  step 200  step 300  step 600   mean colour (linear / MLP)
+    synthetic      0.10    0.47     0.64      0.91      0.81*                0.33 / 0.30
+    synthetic100   0.01    0.07     0.09      0.18      0.35      0.47       0.06 / 0.06
+    (* constant lr: the test accuracy still swings from step to step)
+The 10-class row is ``pytest -m slow tests/test_data.py -k learnable`` (asserts > 0.4 at step 300).
+
+Generating the 6000 images of ``synthetic`` takes about 0.45 s (one core, numpy, vectorised over images).
+``synthetic100`` is the 100-class variant (10000 / 2000 images by default).
 
 Seeds: ``seed`` fixes the classes and the images; the class structure, the training set and the test set come
 from independent streams of ``numpy.random.default_rng([seed, stream])``.
