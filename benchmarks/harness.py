@@ -36,8 +36,13 @@ class Timing:
     samples: int
 
     def as_row(self) -> dict[str, float]:
-        return {"median_ms": self.median_ms, "p20_ms": self.p20_ms, "p80_ms": self.p80_ms,
-                "peak_mem_mb": self.peak_mem_mb, "samples": self.samples}
+        return {
+            "median_ms": self.median_ms,
+            "p20_ms": self.p20_ms,
+            "p80_ms": self.p80_ms,
+            "peak_mem_mb": self.peak_mem_mb,
+            "samples": self.samples,
+        }
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

@@ -42,7 +42,9 @@ def batch_statistics(logits: Tensor, head: Tensor | None, target: Tensor) -> Ten
     if num_branches > 1:
         neg_entropy = (p * log_p).sum(-1)  # (B, K)
         cross = torch.einsum("bjc,bkc->bjk", p, log_p)  # (B, K, K)
-        kl_sum = (neg_entropy.sum(-1) * num_branches - cross.sum(dim=(1, 2))).sum() / (num_branches * (num_branches - 1))
+        kl_sum = (neg_entropy.sum(-1) * num_branches - cross.sum(dim=(1, 2))).sum() / (
+            num_branches * (num_branches - 1)
+        )
         differ = predictions.unsqueeze(2) != predictions.unsqueeze(1)  # (B, K, K), diagonal False
         disagree_sum = differ.sum(dim=(1, 2)).float().sum() / (num_branches * (num_branches - 1))
     else:
@@ -109,8 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args(argv)
-    metrics = build_eval_from_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device,
-                                         batch_size=args.batch_size)
+    metrics = build_eval_from_checkpoint(
+        args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size
+    )
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -262,8 +262,11 @@ def train_one_epoch(
         state.global_step += 1
         if show_progress and steps_done_here % 20 == 0:
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                            img_s=f"{images_seen / elapsed:.0f}")
+            bar.set_postfix(
+                loss=f"{total.item():.3f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                img_s=f"{images_seen / elapsed:.0f}",
+            )
         if stop.signum is not None or (config.max_steps is not None and state.global_step >= config.max_steps):
             interrupted = stop.signum is not None
             break
@@ -311,12 +314,17 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     amp_dtype = resolve_amp(config.amp, device)
 
     # data
-    splits = load_dataset(config.dataset, config.data_dir, download=config.download, subset=config.subset,
-                          seed=config.seed)
+    splits = load_dataset(
+        config.dataset, config.data_dir, download=config.download, subset=config.subset, seed=config.seed
+    )
     distributed = (dist_info.rank, dist_info.world_size) if dist_info.enabled else None
     train_loader, test_loader = build_loaders(
-        splits, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, num_workers=config.workers,
-        seed=config.seed, distributed=distributed,
+        splits,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        num_workers=config.workers,
+        seed=config.seed,
+        distributed=distributed,
     )
 
     # method: network + heads
@@ -325,7 +333,9 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         method = method.to(memory_format=torch.channels_last)
     model: nn.Module = method
     if dist_info.enabled:
-        model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if config.compile != "off":
         model = torch.compile(model, mode=None if config.compile == "default" else config.compile)
 
@@ -341,18 +351,28 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
 
     num_params = sum(p.numel() for p in method.parameters())
     if dist_info.is_main:
-        resolved = config.to_dict() | {"branches": mcfg.num_branches, "milestones_epochs": config.resolved_milestones(),
-                                       "rampup_epochs": mcfg.rampup_epochs, "amp_dtype": str(amp_dtype),
-                                       "num_classes": splits.num_classes, "data_source": splits.source,
-                                       "world_size": dist_info.world_size, "parameters": num_params}
+        resolved = config.to_dict() | {
+            "branches": mcfg.num_branches,
+            "milestones_epochs": config.resolved_milestones(),
+            "rampup_epochs": mcfg.rampup_epochs,
+            "amp_dtype": str(amp_dtype),
+            "num_classes": splits.num_classes,
+            "data_source": splits.source,
+            "world_size": dist_info.world_size,
+            "parameters": num_params,
+        }
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         (run_dir / "environment.json").write_text(json.dumps(environment_manifest(device), indent=2))
-    log(f"{config.method} | {config.arch} K={mcfg.num_branches} | {splits.name} ({splits.source}: "
+    log(
+        f"{config.method} | {config.arch} K={mcfg.num_branches} | {splits.name} ({splits.source}: "
         f"{len(splits.train)} train / {len(splits.test)} test) | {num_params / 1e6:.3f}M params | device {device} "
-        f"| amp {amp_dtype} | run folder {run_dir}")
+        f"| amp {amp_dtype} | run folder {run_dir}"
+    )
 
     metrics_log = MetricsLog(run_dir, resume_epoch=state.epoch) if dist_info.is_main else None
-    show_progress = dist_info.is_main and (config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty()))
+    show_progress = dist_info.is_main and (
+        config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())
+    )
     last_metrics: dict[str, Any] = {}
     finished = state.epoch >= config.epochs
     interrupted = False
@@ -364,8 +384,18 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             kd_scale = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
             lr = optimizer.param_groups[0]["lr"]
             sums, images, seconds, interrupted = train_one_epoch(
-                method, model, train_loader, optimizer, scaler, state, config=config, device=device,
-                amp_dtype=amp_dtype, kd_scale=kd_scale, stop=stop, show_progress=show_progress,
+                method,
+                model,
+                train_loader,
+                optimizer,
+                scaler,
+                state,
+                config=config,
+                device=device,
+                amp_dtype=amp_dtype,
+                kd_scale=kd_scale,
+                stop=stop,
+                show_progress=show_progress,
             )
             sums = merge_sums(state.partial_sums, sums)
             epoch_done = state.step_in_epoch >= len(train_loader)
@@ -373,11 +403,14 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             if interrupted or (reached_max and not epoch_done):
                 state.partial_sums = sums
                 if dist_info.is_main:
-                    atomic_save(checkpoint_payload(method, optimizer, scheduler, scaler, state, config),
-                                run_dir / "last.pt")
+                    atomic_save(
+                        checkpoint_payload(method, optimizer, scheduler, scaler, state, config), run_dir / "last.pt"
+                    )
                 if interrupted:
-                    log(f"stopped by signal {stop.signum} at epoch {epoch} step {state.step_in_epoch}; "
-                        f"saved {run_dir / 'last.pt'}; continue with --resume auto")
+                    log(
+                        f"stopped by signal {stop.signum} at epoch {epoch} step {state.step_in_epoch}; "
+                        f"saved {run_dir / 'last.pt'}; continue with --resume auto"
+                    )
                     break
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
             test_metrics = evaluate(method, test_loader, device, autocast=autocast, channels_last=config.channels_last)
@@ -411,9 +444,15 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
                 break
         finished = state.epoch >= config.epochs
 
-    summary = {"run_dir": str(run_dir), "finished": finished, "interrupted": interrupted,
-               "epochs_done": state.epoch, "global_step": state.global_step, "parameters": num_params,
-               "last": last_metrics}
+    summary = {
+        "run_dir": str(run_dir),
+        "finished": finished,
+        "interrupted": interrupted,
+        "epochs_done": state.epoch,
+        "global_step": state.global_step,
+        "parameters": num_params,
+        "last": last_metrics,
+    }
     if metrics_log is not None and metrics_log.rows:
         summary["best"] = best_of(metrics_log.rows)
         full_epochs = [r for r in metrics_log.rows if not r.get("partial")]
@@ -459,8 +498,9 @@ def build_eval_from_checkpoint(
         config.data_dir = data_dir
     _, torch_device = setup_distributed(device)
     splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed)
-    _, test_loader = build_loaders(splits, batch_size=config.batch_size, eval_batch_size=batch_size,
-                                   num_workers=config.workers, seed=config.seed)
+    _, test_loader = build_loaders(
+        splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
+    )
     method = create_method(config.method, config.arch, splits.num_classes, method_config(config)).to(torch_device)
     method.load_state_dict(payload["model"])
     return evaluate(method, test_loader, torch_device)

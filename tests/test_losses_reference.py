@@ -61,7 +61,9 @@ def test_peer_mode_equals_explicit_pairwise_loop():
             if j != k:
                 expected += (
                     4.0
-                    * F.kl_div(F.log_softmax(logits[:, k] / 2, -1), F.softmax(logits[:, j] / 2, -1), reduction="batchmean")
+                    * F.kl_div(
+                        F.log_softmax(logits[:, k] / 2, -1), F.softmax(logits[:, j] / 2, -1), reduction="batchmean"
+                    )
                     / 3
                 )
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)

@@ -167,7 +167,7 @@ def find_cifar(name: str, roots: list[Path]) -> tuple[Path | None, list[Path]]:
 
 
 def _layouts(name: str) -> list[str]:
-    folder, files, npz, sub = _LAYOUT[name]
+    folder, _, npz, sub = _LAYOUT[name]
     pickled = "data_batch_1..5, test_batch" if name == "cifar10" else "train, test, meta"
     return [
         f"<dir>/{folder}/ ({pickled}: the python version from {CIFAR_URL})",

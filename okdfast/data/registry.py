@@ -102,6 +102,8 @@ def load_dataset(
     Raises :class:`~okdfast.data.locate.DatasetNotFoundError` when the files are in none of the searched places.
     """
     _load_builtin()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be a non-negative int")
     key = _canonical(name)
     builders = {_canonical(k): k for k in DATASETS}
     if key not in builders:

@@ -72,9 +72,7 @@ class Method(nn.Module):
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__()
         if config.num_branches < self.min_branches:
-            raise ValueError(
-                f"method {self.name!r} needs --branches >= {self.min_branches}, got {config.num_branches}"
-            )
+            raise ValueError(f"method {self.name!r} needs --branches >= {self.min_branches}, got {config.num_branches}")
         self.arch = arch
         self.num_classes = num_classes
         self.config = config

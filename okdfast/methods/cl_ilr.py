@@ -42,4 +42,6 @@ class CLILR(Method):
         return MethodOutput(logits, teacher=mean_of_other_branches(logits))
 
     def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(*self.online_kd(output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False))
+        return LossTerms(
+            *self.online_kd(output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False)
+        )

@@ -64,4 +64,6 @@ class OKDDip(Method):
         return MethodOutput(out.logits, teacher=teacher, head=out.logits[:, -1])
 
     def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(*self.online_kd(output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False))
+        return LossTerms(
+            *self.online_kd(output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False)
+        )
