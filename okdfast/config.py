@@ -25,6 +25,7 @@ class TrainConfig:
     data_dir: str | None = None  # default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data
     download: bool = False  # fetch the data set when it is missing (needs internet)
     subset: int | None = None  # N: seeded subset of N training and N/5 test images, for quick runs
+    data_seed: int = 0  # fixes the synthetic data and the --subset draw (independent of --seed, so seeds compare)
     workers: int = 2  # DataLoader worker processes
     # optimisation (OKDDip code: SGD nesterov, wd 5e-4, lr 0.1, /10 at epochs 150 and 225 of 300, batch 128)
     epochs: int = 300
@@ -92,6 +93,22 @@ class TrainConfig:
             bad("progress", self.progress, "use auto, on or off")
         if self.workers < 0:
             bad("workers", self.workers, "must be >= 0")
+        from okdfast.data import list_datasets
+        from okdfast.methods import list_methods
+        from okdfast.models import list_models
+
+        if self.method not in list_methods():
+            bad("method", self.method, f"unknown method; choose one of {', '.join(list_methods())}")
+        if self.arch not in list_models():
+            bad("arch", self.arch, f"unknown architecture; choose one of {', '.join(list_models())}")
+        from okdfast.methods import method_class
+
+        cls = method_class(self.method)
+        branches = self.branches if self.branches is not None else cls.default_branches
+        if not cls.min_branches <= branches <= cls.max_branches:
+            bad("branches", branches, f"method {self.method} trains {cls.min_branches}..{cls.max_branches} branches")
+        if self.dataset not in list_datasets():
+            bad("dataset", self.dataset, f"unknown data set; choose one of {', '.join(list_datasets())}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,9 +181,15 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        parser.set_defaults(**load_yaml(pre.config))
+        try:
+            parser.set_defaults(**load_yaml(pre.config))
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**values)
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 and the usage line, not a traceback
     return config, args

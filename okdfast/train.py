@@ -315,7 +315,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
 
     # data
     splits = load_dataset(
-        config.dataset, config.data_dir, download=config.download, subset=config.subset, seed=config.seed
+        config.dataset, config.data_dir, download=config.download, subset=config.subset, seed=config.data_seed
     )
     distributed = (dist_info.rank, dist_info.world_size) if dist_info.enabled else None
     train_loader, test_loader = build_loaders(
@@ -497,7 +497,7 @@ def build_eval_from_checkpoint(
     if data_dir is not None:
         config.data_dir = data_dir
     _, torch_device = setup_distributed(device)
-    splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed)
+    splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.data_seed)
     _, test_loader = build_loaders(
         splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
     )

@@ -38,6 +38,16 @@ from okdfast.data.transforms import (
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    # The batches here are small: on a busy 2-core machine an op split over 2 threads waits for a time slice of
+    # the other core (measured 100x slower). Workers run single-threaded anyway; the main process matches them.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _splits(train: np.ndarray, labels: np.ndarray, num_classes: int = 10, name: str = "toy") -> DatasetSplits:
     ds = ArrayDataset(train, labels, num_classes)
     return DatasetSplits(ds, ds, num_classes, MEAN, STD, name, "test")
@@ -129,13 +139,13 @@ def test_synthetic_not_separable_by_mean_colour():
 def test_synthetic_learnable_by_small_cnn():
     torch.manual_seed(0)
     s = load_dataset("synthetic")
-    net = torch.nn.Sequential(
-        *[m for cin, cout in ((3, 32), (32, 64)) for m in (torch.nn.Conv2d(cin, cout, 3, padding=1),
-                                                           torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
-                                                           torch.nn.MaxPool2d(2))],
-        torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 10),
-    )
+    nn = torch.nn
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )  # fmt: skip
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     train, test = build_loaders(s, batch_size=64, num_workers=0)
     step = 0
@@ -283,8 +293,9 @@ def test_random_torchvision_pipeline_is_one_of_the_162_batched_outcomes():
     g = torch.Generator().manual_seed(1)
     image = torch.randint(0, 256, (1, 32, 32, 3), generator=g, dtype=torch.uint8)
     grid = torch.cartesian_prod(torch.arange(9), torch.arange(9), torch.tensor([0, 1]))
-    candidates = normalize(crop_flip(image, torch.zeros(162, dtype=torch.int64), grid[:, 0], grid[:, 1],
-                                     grid[:, 2].bool()), MEAN, STD)
+    candidates = normalize(
+        crop_flip(image, torch.zeros(162, dtype=torch.int64), grid[:, 0], grid[:, 1], grid[:, 2].bool()), MEAN, STD
+    )
     pipeline = reference_pipeline(MEAN, STD)
     torch.manual_seed(0)
     for _ in range(20):
@@ -371,8 +382,13 @@ def test_npz_reader_layouts(tmp_path):
     # NCHW images, train_x-style names, (N, 1) int32 labels
     other = tmp_path / "other"
     other.mkdir()
-    np.savez(other / "cifar10.npz", train_x=x_train.transpose(0, 3, 1, 2), train_y=y_train[:, None].astype(np.int32),
-             TEST_X=x_test.transpose(0, 3, 1, 2), test_y=y_test)
+    np.savez(
+        other / "cifar10.npz",
+        train_x=x_train.transpose(0, 3, 1, 2),
+        train_y=y_train[:, None].astype(np.int32),
+        TEST_X=x_test.transpose(0, 3, 1, 2),
+        test_y=y_test,
+    )
     s = load_dataset("cifar10", data_dir=other)
     assert np.array_equal(s.train.images, x_train) and np.array_equal(s.train.labels, y_train)
     assert s.train.labels.dtype == np.int64

@@ -46,13 +46,14 @@ LAYOUT = "<dir>/cinic10/{train,valid,test}/<class>/*.png (10 class folders of 32
 # ---------------------------------------------------------------------------------------------------------------
 # folder listing and fingerprint
 # ---------------------------------------------------------------------------------------------------------------
+def _subdirs(path: Path) -> list[str]:
+    with os.scandir(path) as it:
+        return sorted(e.name for e in it if e.is_dir())
+
+
 def is_image_folder(path: Path) -> bool:
     """``path`` holds ``train/`` and ``test/`` with at least one class folder each."""
-    for split in ("train", "test"):
-        d = path / split
-        if not d.is_dir() or not any(e.is_dir() for e in os.scandir(d)):
-            return False
-    return True
+    return all((path / split).is_dir() and _subdirs(path / split) for split in ("train", "test"))
 
 
 def list_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
@@ -70,7 +71,7 @@ def list_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path,
             if split == "valid":
                 continue
             raise FileNotFoundError(f"{split_dir}: missing (expected {LAYOUT})")
-        split_classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        split_classes = _subdirs(split_dir)
         if classes is None:
             classes = split_classes
         elif split_classes != classes:
@@ -242,8 +243,11 @@ def build_cinic10(
     roots: list[Path], *, download: bool = False, seed: int = 0, include_valid: bool = False
 ) -> DatasetSplits:
     """CINIC-10; ``include_valid``: train on train + valid (180k images) instead of train (90k)."""
-    layouts = [f"{LAYOUT}, from {CINIC10_URL}", "<dir>/CINIC-10/... or <dir>/cinic-10/... (same layout)",
-               "<dir>/cinic10.npz (x_train, y_train, x_test, y_test; optional x_valid, y_valid)"]
+    layouts = [
+        f"{LAYOUT}, from {CINIC10_URL}",
+        "<dir>/CINIC-10/... or <dir>/cinic-10/... (same layout)",
+        "<dir>/cinic10.npz (x_train, y_train, x_test, y_test; optional x_valid, y_valid)",
+    ]
     path, tried = find_cinic10(roots)
     if path is None and download:
         try:

@@ -23,9 +23,7 @@ class DatasetStats:
 STATS: dict[str, DatasetStats] = {
     "cifar10": DatasetStats(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetStats(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "cinic10": DatasetStats(
-        10, (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835)
-    ),
+    "cinic10": DatasetStats(10, (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835)),
 }
 
 # CIFAR-10 and CINIC-10 share the classes and their order (CINIC's class folders sorted by name).

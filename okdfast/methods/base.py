@@ -68,6 +68,7 @@ class Method(nn.Module):
     head_name: str = "head"  # what the head is called in metrics: 'gate', 'ffm', 'leader'
     default_branches: int = 3
     min_branches: int = 2
+    max_branches: int = 8
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ class Baseline(Method):
     name = "baseline"
     default_branches = 1
     min_branches = 1
+    max_branches = 1
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         if config.num_branches != 1:
