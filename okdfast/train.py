@@ -283,15 +283,16 @@ def merge_sums(previous: dict[str, float], new: dict[str, float]) -> dict[str, f
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> None:
+    """The CLI (``python -m okdfast.train`` and the ``okdfast-train`` console script); ``run`` returns the summary."""
     config, args = parse_config(argv)
     if args.list_archs or args.list_methods:
         if args.list_archs:
             print("\n".join(list_models()))
         if args.list_methods:
             print("\n".join(list_methods()))
-        return {}
-    return run(config)
+        return
+    run(config)
 
 
 def run(config: TrainConfig) -> dict[str, Any]:

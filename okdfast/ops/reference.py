@@ -178,3 +178,41 @@ def classifier_diversity_loss_reference(weights: Tensor, *, eps: float = 1e-8) -
     cosine = torch.einsum("kcd,lcd->klc", w, w)  # (K, K, C)
     first, second = torch.triu_indices(num_branches, num_branches, offset=1, device=w.device)
     return cosine[first, second].square().mean()
+
+
+def ffm_attention_reference(
+    features: Tensor,
+    logits: Tensor,
+    fc1_weight: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """The attention of MDE's Feature Fusion Module and the teacher it builds (okdfast/models/ffm.py, METHOD.md 3):
+
+        s = GAP(sum_k F_k)                   (B, D)   features (B, K, D, H, W): the branches' last-block features
+        h = ReLU(BN(s W1^T))                 (B, R)   fc1_weight (R, D), BatchNorm1d(R) (bn_weight, bn_bias)
+        a = softmax_k(h W2^T + b2)           (B, K)   fc2_weight (K, R), fc2_bias (K,)
+        t = sum_k a_k z_k                    (B, C)   logits z (B, K, C)
+
+    BatchNorm follows ``F.batch_norm``: ``training=True`` normalises with the batch statistics and, when the running
+    statistics are given, updates them in place (``momentum``; running_var gets the unbiased variance);
+    ``training=False`` uses the running statistics (required then). Returns (attention, teacher), computed in
+    float32, or float64 when an input is float64 (so that ``gradcheck`` can check the op against it).
+    """
+    dtype = torch.promote_types(torch.promote_types(features.dtype, logits.dtype), torch.float32)
+    s = features.to(dtype).sum(dim=1).mean(dim=(-2, -1))
+    u = s @ fc1_weight.to(dtype).t()
+    y = F.batch_norm(
+        u, running_mean, running_var, bn_weight.to(dtype), bn_bias.to(dtype), training, momentum, eps
+    )
+    attention = torch.softmax(torch.relu(y) @ fc2_weight.to(dtype).t() + fc2_bias.to(dtype), dim=-1)
+    teacher = torch.einsum("bk,bkc->bc", attention, logits.to(dtype))
+    return attention, teacher
