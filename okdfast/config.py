@@ -26,7 +26,8 @@ class TrainConfig:
     download: bool = False  # fetch the data set when it is missing (needs internet)
     subset: int | None = None  # N: seeded subset of N training and N/5 test images, for quick runs
     data_seed: int = 0  # fixes the synthetic data and the --subset draw (independent of --seed, so seeds compare)
-    workers: int = 2  # DataLoader worker processes
+    workers: int = 2  # DataLoader worker processes (torch loader); DALI / FFCV threads
+    loader: str = "auto"  # auto | gpu | dali | ffcv | torch (okdfast.data.factory; auto: gpu on CUDA, torch on CPU)
     # optimisation (OKDDip code: SGD nesterov, wd 5e-4, lr 0.1, /10 at epochs 150 and 225 of 300, batch 128)
     epochs: int = 300
     batch_size: int = 128
@@ -37,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # <1: fractions of epochs; else epochs
     lr_gamma: float = 0.1
+    lr_schedule: str = "step"  # step: x lr_gamma at --milestones (the paper) | cosine: cosine to 0 over --epochs
     # distillation
     temperature: float = 3.0
     alpha: float = 1.0
@@ -45,11 +47,16 @@ class TrainConfig:
     cd_weight: float = 1.0  # lambda_CD of mde
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # auto | on | off: fused Triton loss (CUDA) or the PyTorch reference
-    # speed
+    fused_ffm: str = "auto"  # auto | on | off: MDE's fused FFM attention op (Triton on CUDA) or the eager module
+    # speed (None: the device's default, see resolve_speed_defaults: the fast settings on CUDA, what helps on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 | auto (bare --amp): bf16 where supported, else fp16 + GradScaler
-    channels_last: bool = False
-    compile: str = "off"  # off | default | max-autotune | reduce-overhead (bare --compile: default)
+    amp: str | None = None  # off | bf16 | fp16 | auto (bare --amp): bf16 where supported, else fp16 + GradScaler
+    channels_last: bool | None = None
+    compile: str | None = None  # off | default | max-autotune | reduce-overhead (bare --compile: default)
+    cuda_graphs: bool = False  # replay the whole train step as CUDA graphs (static shapes; CUDA only)
+    optimizer_impl: str = "auto"  # auto | fused | foreach | for-loop (SGD implementation; auto: fused on CUDA)
+    sync_bn: bool | None = None  # BatchNorm statistics over the global batch under DDP (None: on when distributed)
+    nan_check_every: int = 50  # steps between host-side checks of the non-finite-loss guard
     # bookkeeping
     seed: int = 0
     deterministic: bool = False  # bit-reproducible kernels (slower); needed for exact resume equality on GPU
@@ -58,6 +65,7 @@ class TrainConfig:
     best_metric: str = "acc_branch_mean"  # which test metric picks best.pt
     max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests, benchmarks)
     progress: str = "auto"  # auto | on | off: the tqdm bar (auto: only on a terminal)
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard)
 
     def resolved_milestones(self) -> list[int]:
         return [int(round(m * self.epochs)) if m < 1 else int(m) for m in self.milestones]
@@ -83,16 +91,35 @@ class TrainConfig:
             bad("temperature", self.temperature, "must be > 0")
         if self.subset is not None and self.subset < 5:
             bad("subset", self.subset, "must be >= 5 (N training and N/5 test images)")
-        if self.amp not in ("off", "bf16", "fp16", "auto"):
+        if self.amp not in (None, "off", "bf16", "fp16", "auto"):
             bad("amp", self.amp, "use off, bf16, fp16 or auto")
-        if self.compile not in ("off", "default", "max-autotune", "reduce-overhead"):
+        if self.compile not in (None, "off", "default", "max-autotune", "reduce-overhead"):
             bad("compile", self.compile, "use off, default, max-autotune or reduce-overhead")
+        if self.optimizer_impl not in ("auto", "fused", "foreach", "for-loop"):
+            bad("optimizer_impl", self.optimizer_impl, "use auto, fused, foreach or for-loop")
+        if self.nan_check_every < 1:
+            bad("nan_check_every", self.nan_check_every, "must be >= 1")
         if self.fused_loss not in ("auto", "on", "off"):
             bad("fused_loss", self.fused_loss, "use auto, on or off")
+        if self.fused_ffm not in ("auto", "on", "off"):
+            bad("fused_ffm", self.fused_ffm, "use auto, on or off")
+        if self.tensorboard:
+            from okdfast.utils.tensorboard import INSTALL_HINT, tensorboard_available
+
+            if not tensorboard_available():
+                raise ValueError(INSTALL_HINT)
+        if self.lr_schedule not in ("step", "cosine"):
+            bad("lr_schedule", self.lr_schedule, "use step or cosine")
         if self.progress not in ("auto", "on", "off"):
             bad("progress", self.progress, "use auto, on or off")
         if self.workers < 0:
             bad("workers", self.workers, "must be >= 0")
+        from okdfast.data.factory import LOADERS, install_hint
+
+        if self.loader not in LOADERS:
+            bad("loader", self.loader, f"use {', '.join(LOADERS)}")
+        if install_hint(self.loader) is not None:
+            bad("loader", self.loader, install_hint(self.loader))
         from okdfast.data import list_datasets
         from okdfast.methods import list_methods
         from okdfast.models import list_models
@@ -110,11 +137,24 @@ class TrainConfig:
         if self.dataset not in list_datasets():
             bad("dataset", self.dataset, f"unknown data set; choose one of {', '.join(list_datasets())}")
 
+    def resolve_speed_defaults(self, device_type: str) -> TrainConfig:
+        """A copy with every speed setting concrete: on CUDA channels-last, AMP (bf16, else fp16) and
+        torch.compile are on unless turned off; on the CPU they are off (measured: benchmarks/results/train.csv)."""
+        on_cuda = device_type == "cuda"
+        return dataclasses.replace(
+            self,
+            amp=self.amp if self.amp is not None else ("auto" if on_cuda else "off"),
+            channels_last=self.channels_last if self.channels_last is not None else on_cuda,
+            compile=self.compile if self.compile is not None else ("default" if on_cuda else "off"),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _HELP = {
+    "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
+    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; torch on CPU",
     "method": "the method to train",
     "arch": "backbone architecture",
     "branches": "number of branches K (default: the method's)",
@@ -125,10 +165,18 @@ _HELP = {
     "milestones": "epochs where lr is multiplied by --lr-gamma; values < 1 are fractions of --epochs",
     "rampup_epochs": "length L of the KD ramp-up w(e); default 80 per 300 epochs",
     "detach_teacher": "stop the gradient into KD targets (default: each method's reference-code choice)",
-    "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto)",
-    "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default)",
+    "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto); default: auto on CUDA, off on CPU",
+    "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default); "
+    "default: default on CUDA, off on CPU",
+    "channels_last": "channels-last memory format (default: on CUDA)",
+    "cuda_graphs": "replay the whole train step as CUDA graphs (static shapes; the last partial batch runs eagerly)",
+    "sync_bn": "BatchNorm statistics over the global batch under torchrun (default: on when distributed)",
+    "batch_size": "global batch size (split evenly over torchrun processes)",
     "resume": "checkpoint to resume from, or 'auto' for the run folder's last.pt",
     "max_steps": "stop after this many optimizer steps (for smoke tests and benchmarks)",
+    "lr_schedule": "step: multiply lr by --lr-gamma at --milestones (the paper); cosine: anneal to 0 over --epochs",
+    "tensorboard": "also write TensorBoard scalars (every metric, loss term, lr, images/s) to RUN_DIR/tensorboard",
+    "fused_ffm": "MDE's FFM attention: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off (eager)",
 }
 
 

@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -30,15 +29,19 @@ import yaml
 from torch import nn
 
 from okdfast.config import TrainConfig, parse_config
-from okdfast.data import build_loaders, load_dataset
+from okdfast.data import build_data_loaders, build_loaders, load_dataset
 from okdfast.evaluate import evaluate
 from okdfast.methods import Method, MethodConfig, create_method, list_methods, method_class, sigmoid_rampup
 from okdfast.models import list_models
+from okdfast.step import TrainStep, build_optimizer
 from okdfast.utils.checkpoint import atomic_save, safe_load
 from okdfast.utils.distributed import DistInfo, cleanup_distributed, setup_distributed
 from okdfast.utils.environment import environment_manifest
 from okdfast.utils.metrics_log import MetricsLog
+from okdfast.utils.nan_guard import NonFiniteGuard
 from okdfast.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+from okdfast.utils.sync_batchnorm import convert_sync_batchnorm
+from okdfast.utils.tensorboard import open_tensorboard
 
 CHECKPOINT_FORMAT = 1
 
@@ -66,22 +69,12 @@ def method_config(config: TrainConfig) -> MethodConfig:
         cd_weight=config.cd_weight,
         label_smoothing=config.label_smoothing,
         fused_loss=config.fused_loss,
+        fused_ffm=config.fused_ffm,
     )
 
 
 def default_run_dir(config: TrainConfig, branches: int) -> Path:
     return Path("runs") / f"{config.method}_{config.arch}_{config.dataset}_k{branches}_s{config.seed}"
-
-
-def build_optimizer(method: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on every parameter, as the OKDDip code does (model.parameters()).
-    return torch.optim.SGD(
-        method.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov and config.momentum > 0,
-        weight_decay=config.weight_decay,
-    )
 
 
 @dataclass
@@ -208,32 +201,31 @@ def _progress(iterable: Any, total: int, enabled: bool, desc: str) -> Any:
 
 
 def train_one_epoch(
-    method: Method,
-    model: nn.Module,
+    step: TrainStep,
     loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
     state: RunState,
     *,
     config: TrainConfig,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
     kd_scale: float,
     stop: StopRequested,
+    guard: NonFiniteGuard,
+    dist_info: DistInfo,
     show_progress: bool,
 ) -> tuple[dict[str, float], int, float, bool]:
-    """One epoch (or what is left of it after a mid-epoch resume). ``model`` is ``method`` or its DDP wrapper.
+    """One epoch (or what is left of it after a mid-epoch resume).
 
     Returns (sums of the loss terms over the steps, images seen, seconds, interrupted).
     """
-    method.train()
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    step.method.train()
     sums: dict[str, torch.Tensor] = {}
     images_seen, steps_done_here = 0, 0
     batches: Iterator = iter(loader)
     if state.step_in_epoch:  # mid-epoch resume: the order of epoch e is a pure function of (seed, e)
         batches = islice(batches, state.step_in_epoch, None)
     bar = _progress(batches, len(loader) - state.step_in_epoch, show_progress, f"epoch {state.epoch}")
+    kd_scale_t = torch.tensor(kd_scale, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
+    scaler = step.scaler
     start = time.perf_counter()
     interrupted = False
     for images, target in bar:
@@ -241,41 +233,55 @@ def train_one_epoch(
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
-        with autocast:
-            output = model(images)
-            total, terms = method.loss(output, target, kd_scale)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            optimizer.step()
+        scale_before = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
+        total, terms = step(images, target, kd_scale_t)
+        terms = {"loss": total.detach(), **terms}
+        guard.record(state.global_step, terms)
+        if scale_before is not None:
+            guard.record_scaler_skip(scale_before, scaler._scale)
 
         # Accumulate on the device: no host sync per step.
-        for name, value in {"loss": total.detach(), **terms}.items():
+        for name, value in terms.items():
             sums[name] = sums[name] + value.float() if name in sums else value.float().clone()
-        images_seen += target.numel()
+        images_seen += target.numel() * dist_info.world_size
         steps_done_here += 1
         state.step_in_epoch += 1
         state.global_step += 1
+        if state.global_step % config.nan_check_every == 0:
+            guard.check()
         if show_progress and steps_done_here % 20 == 0:
             elapsed = time.perf_counter() - start
             bar.set_postfix(
                 loss=f"{total.item():.3f}",
-                lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                lr=f"{step.optimizer.param_groups[0]['lr']:.3g}",
                 img_s=f"{images_seen / elapsed:.0f}",
             )
-        if stop.signum is not None or (config.max_steps is not None and state.global_step >= config.max_steps):
-            interrupted = stop.signum is not None
+        if should_stop(stop, dist_info, state.global_step):
+            interrupted = True
             break
+        if config.max_steps is not None and state.global_step >= config.max_steps:
+            break
+    guard.check()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     host_sums = {name: float(value) for name, value in sums.items()}
     host_sums["steps"] = float(steps_done_here)
     return host_sums, images_seen, seconds, interrupted
+
+
+def should_stop(stop: StopRequested, dist_info: DistInfo, global_step: int, every: int = 10) -> bool:
+    """Single process: whether a signal arrived. Under DDP the ranks agree every ``every`` steps (one tiny
+    all-reduce), so they all stop after the same step and no rank waits forever in a gradient all-reduce."""
+    if not dist_info.enabled:
+        return stop.signum is not None
+    if global_step % every:
+        return False
+    flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def merge_sums(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
@@ -305,6 +311,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
+    config = config.resolve_speed_defaults(device.type)
     mcfg = method_config(config)
     run_dir = Path(config.out) if config.out else default_run_dir(config, mcfg.num_branches)
     resume_path = resolve_resume(config, run_dir)
@@ -313,23 +320,37 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     log = RunLog(run_dir, dist_info.is_main)
     seed_everything(config.seed, config.deterministic)
     amp_dtype = resolve_amp(config.amp, device)
+    if config.batch_size % dist_info.world_size:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch: it must divide evenly over the "
+            f"{dist_info.world_size} processes"
+        )
 
-    # data
+    # data: each rank takes its DistributedSampler-style shard of every global batch
     splits = load_dataset(
         config.dataset, config.data_dir, download=config.download, subset=config.subset, seed=config.data_seed
     )
     distributed = (dist_info.rank, dist_info.world_size) if dist_info.enabled else None
-    train_loader, test_loader = build_loaders(
+    # Batches arrive on `device`, normalised, in the model's memory format (--loader; okdfast.data.factory).
+    train_loader, test_loader = build_data_loaders(
         splits,
-        batch_size=config.batch_size,
+        loader=config.loader,
+        device=device,
+        batch_size=config.batch_size // dist_info.world_size,
         eval_batch_size=config.eval_batch_size,
         num_workers=config.workers,
         seed=config.seed,
         distributed=distributed,
+        channels_last=bool(config.channels_last),
+        data_dir=config.data_dir,
+        verbose=dist_info.is_main,
     )
 
     # method: network + heads
-    method = create_method(config.method, config.arch, splits.num_classes, mcfg).to(device)
+    method: Method = create_method(config.method, config.arch, splits.num_classes, mcfg)
+    if dist_info.enabled and (config.sync_bn is None or config.sync_bn):
+        method = convert_sync_batchnorm(method, device)  # type: ignore[assignment]
+    method = method.to(device)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
     model: nn.Module = method
@@ -337,13 +358,35 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if config.compile != "off":
-        model = torch.compile(model, mode=None if config.compile == "default" else config.compile)
 
-    # optimizer
-    optimizer = build_optimizer(method, config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.resolved_milestones(), gamma=config.lr_gamma)
+    # optimizer and the step (forward + loss compiled together when asked)
+    optimizer = build_optimizer(
+        method.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        implementation=config.optimizer_impl,
+        device=device,
+    )
+    scheduler: torch.optim.lr_scheduler.LRScheduler = (  # stepped once per epoch
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+        if config.lr_schedule == "cosine"
+        else torch.optim.lr_scheduler.MultiStepLR(optimizer, config.resolved_milestones(), gamma=config.lr_gamma)
+    )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    step = TrainStep(
+        method,
+        model,
+        optimizer,
+        scaler,
+        device=device,
+        amp_dtype=amp_dtype,
+        compile_mode=config.compile,
+        cuda_graphs=config.cuda_graphs,
+        full_batch=config.batch_size // dist_info.world_size,
+    )
+    guard = NonFiniteGuard(device)
 
     state = RunState()
     if resume_path is not None:
@@ -371,6 +414,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     )
 
     metrics_log = MetricsLog(run_dir, resume_epoch=state.epoch) if dist_info.is_main else None
+    tensorboard = open_tensorboard(run_dir, state.epoch) if config.tensorboard and dist_info.is_main else None
     show_progress = dist_info.is_main and (
         config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())
     )
@@ -385,17 +429,15 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             kd_scale = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
             lr = optimizer.param_groups[0]["lr"]
             sums, images, seconds, interrupted = train_one_epoch(
-                method,
-                model,
+                step,
                 train_loader,
-                optimizer,
-                scaler,
                 state,
                 config=config,
                 device=device,
-                amp_dtype=amp_dtype,
                 kd_scale=kd_scale,
                 stop=stop,
+                guard=guard,
+                dist_info=dist_info,
                 show_progress=show_progress,
             )
             sums = merge_sums(state.partial_sums, sums)
@@ -423,6 +465,8 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             last_metrics = row
             if metrics_log is not None:
                 metrics_log.append(row)
+            if tensorboard is not None:
+                tensorboard.log_epoch(row)
             log(format_row(row, method))
 
             if epoch_done:
@@ -444,6 +488,8 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             if reached_max:
                 break
         finished = state.epoch >= config.epochs
+    if tensorboard is not None:
+        tensorboard.close()
 
     summary = {
         "run_dir": str(run_dir),
@@ -453,7 +499,10 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         "global_step": state.global_step,
         "parameters": num_params,
         "last": last_metrics,
+        "nonfinite_skipped_steps": int(guard.skipped_steps),
     }
+    if dist_info.enabled:
+        summary["ddp_max_param_divergence"] = parameter_divergence(method, device)
     if metrics_log is not None and metrics_log.rows:
         summary["best"] = best_of(metrics_log.rows)
         full_epochs = [r for r in metrics_log.rows if not r.get("partial")]
@@ -463,6 +512,16 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     if interrupted and stop.signum is not None:
         raise SystemExit(128 + stop.signum)
     return summary
+
+
+def parameter_divergence(method: nn.Module, device: torch.device) -> float:
+    """Largest |p_rank - p_rank0| over all parameters and buffers and all ranks (0.0 when DDP kept them equal)."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in method.state_dict().values() if t.is_floating_point()])
+    reference = flat.clone()
+    torch.distributed.broadcast(reference, src=0)
+    divergence = (flat - reference).abs().max().reshape(1)
+    torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+    return float(divergence)
 
 
 def best_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from okdfast.ops.dispatch import fused_enabled
+from okdfast.ops.online_kd import online_kd_loss_and_terms
 from okdfast.ops.reference import online_kd_rows_reference
 
 
@@ -40,6 +42,7 @@ class MethodConfig:
     cd_weight: float = 1.0  # lambda_CD of MDE (our choice: the paper text giving it was not reachable)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # 'auto' | 'on' | 'off': the fused Triton op or the PyTorch reference
+    fused_ffm: str = "auto"  # 'auto' | 'on' | 'off': MDE's fused FFM op (Triton on CUDA) or the eager module
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_branches <= 8:
@@ -81,7 +84,7 @@ class Method(nn.Module):
     def forward(self, images: Tensor) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:  # pragma: no cover
+    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float | Tensor) -> LossTerms:  # pragma: no cover
         raise NotImplementedError
 
     def online_kd(
@@ -90,7 +93,7 @@ class Method(nn.Module):
         target: Tensor,
         teacher: Tensor | None = None,
         *,
-        kd_scale: float,
+        kd_scale: float | Tensor,
         mode: str = "ensemble",
         detach_default: bool = True,
         teacher_ce_weight: float = 0.0,
@@ -99,8 +102,30 @@ class Method(nn.Module):
 
         ``detach_default`` is the method's reference-code choice for the KL target; ``--detach-teacher`` overrides
         it. Returns the differentiable total and the detached, unweighted per-term means for logging.
+        ``--fused-loss`` (MethodConfig.fused_loss) picks the fused op ``okdfast::online_kd_loss`` (one pass, the
+        logging terms from the same pass) or the PyTorch reference; 'auto' fuses where the Triton kernel runs.
         """
         detach = detach_default if self.config.detach_teacher is None else self.config.detach_teacher
+        # a tensor kd_scale (the train loop passes one: no recompile per epoch) is never compared on the host
+        with_kd = isinstance(kd_scale, Tensor) or kd_scale != 0.0
+        if logits.shape[1] >= 2 and fused_enabled(self.config.fused_loss, logits):
+            total, rows = online_kd_loss_and_terms(
+                logits,
+                target,
+                teacher,
+                mode=mode,
+                temperature=self.config.temperature,
+                kd_weight=kd_scale if with_kd else 0.0,
+                teacher_ce_weight=teacher_ce_weight,
+                detach_teacher=detach,
+                label_smoothing=self.config.label_smoothing,
+            )
+            terms = {"ce": rows.ce.mean()}
+            if teacher_ce_weight != 0.0:
+                terms["teacher_ce"] = rows.teacher_ce.mean()
+            if with_kd:
+                terms["kd"] = rows.kd.mean()
+            return total, terms
         rows = online_kd_rows_reference(
             logits,
             target,
@@ -117,7 +142,7 @@ class Method(nn.Module):
             teacher_ce = rows.teacher_ce.mean()
             total = total + teacher_ce_weight * teacher_ce
             terms["teacher_ce"] = teacher_ce.detach()
-        if kd_scale != 0.0:
+        if with_kd:
             kd = rows.kd.mean()
             total = total + kd_scale * kd
             terms["kd"] = kd.detach()
