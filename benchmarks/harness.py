@@ -3,7 +3,8 @@
 Timing: CUDA events on a GPU (after a warm-up that absorbs compilation and autotuning), ``time.perf_counter`` on
 the CPU; ``repeats`` samples of ``inner`` calls each; median with p20 / p80. Peak memory: CUDA's
 ``max_memory_allocated`` on a GPU, the process's peak RSS growth on the CPU (a coarse upper bound).
-Rows are appended to ``benchmarks/results/<name>.csv`` with the same leading columns everywhere, so results of
+Rows are appended to ``benchmarks/results/<name>.csv`` (``$OKDFAST_RESULTS_DIR`` overrides the folder) with
+the same leading columns everywhere, so results of
 different machines and dates sit in one file and can be compared side by side.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("OKDFAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 COMMON_COLUMNS = ["date", "bench", "device", "device_name", "cpu_count", "torch", "triton", "cuda", "git_commit"]
 
 

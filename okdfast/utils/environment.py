@@ -60,3 +60,9 @@ def environment_manifest(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
     }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(environment_manifest(torch.device("cuda" if torch.cuda.is_available() else "cpu")), indent=2))
