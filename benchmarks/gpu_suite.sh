@@ -47,7 +47,7 @@ step gpu-tests 150 python -m pytest -q -x -m gpu tests -p no:cacheprovider --jun
 
 # 3. kernel microbenchmarks, loaders, end to end
 step bench_loss 75 python -m benchmarks.bench_loss
-step bench_ffm 60 python -m benchmarks.bench_ffm
+step bench_ffm 75 python -m benchmarks.bench_ffm --quick
 step bench_loader 60 python -m benchmarks.bench_loader --quick
 step bench_train 150 python -m benchmarks.bench_train --steps 30 --repeats 3 --warmup 15
 

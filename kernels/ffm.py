@@ -16,15 +16,18 @@ shapes the eager chain (stack-sum, mean, linear, 5 BN ops, relu, linear, softmax
 bound by launches, not bytes. The plan is the fewest launches that respect the one hard dependency: training-mode
 BatchNorm couples the whole batch (mu and rstd over B; in the backward, sum_b dy and sum_b dy*xhat).
 
-forward, 2 launches
+forward, 2 launches (+ 1 tiny one in training: the running statistics)
   A  _ffm_pool_project_kernel   grid (B,)      read F once (B*K*D*HW*e bytes, e = 2 or 4), W1 (R*D*4, L2-resident);
-                                               write s (B*D*4) and u (B*R*4). The K and HW loops are unrolled
-                                               (constexpr) so each program issues all its loads before adding.
+                                               write s (B*D*4) and u (B*R*4). 8 warps, 4096-element tiles (16 KB
+                                               of fp32 in flight per step; K is chunked in for small maps).
                                                Eager also writes and re-reads sum_k F (B*D*HW*e) here.
   B  _ffm_head_fwd_kernel       grid (B/BB,)   every program reduces the batch statistics of u (B*R*4 from L2, one
                                                shifted-data pass), then its rows: BN, ReLU, W2, softmax, t. Reads z
-                                               (B*K*C*e), writes a (B*K*4) and t (B*C*4); program 0 writes mu, rstd
-                                               (R*4 each, saved) and updates the running statistics in place.
+                                               (B*K*C*e), writes a (B*K*4) and t (B*C*4); program 0 writes mu, var
+                                               (R*4 each: saved, and the input of the running update).
+  R  _ffm_running_stats_kernel  grid (R/1024,) running_mean/var <- lerp toward mu, var * B/(B-1) (4*R*4 bytes). A
+                                               launch of its own because a torch.library op with an autograd
+                                               formula may not mutate its inputs (okdfast::ffm_update_running_stats).
 backward, 2 launches, nothing F-sized written
   C  _ffm_head_bwd_kernel       grid (B/BB,)   rows: da = dA + <dt, z_k>, dz = a dt (B*K*C*e write), softmax and
                                                ReLU backward, dy (B*R*4); per-program partial sums of dW2, db2,
@@ -32,12 +35,20 @@ backward, 2 launches, nothing F-sized written
   D  _ffm_param_input_bwd_kernel  one grid, three roles: dW1 tiles (dW1 = dU^T s, tl.dot over the batch), the
                                                partial-sum reduction (dW2, db2, dgamma, dbeta), and ds tiles
                                                (ds = dU W1 / HW, B*D*4). dU (the BN input gradient) is recomputed
-                                               per tile from dy, u, mu, rstd and the batch sums, never stored.
+                                               per tile from dy, u, mu, var and the batch sums, never stored.
 dF[b, k, d, h, w] = ds[b, d] for every k, h, w: the op returns it as a stride-0 broadcast of ds (B, D) (what
 PyTorch's own backward of sum/expand does), so the pooling backward writes B*D floats, not B*K*D*HW. Its one
 consumer, autograd's sum with the branch's own pooling gradient of F_k, materialises F_k's gradient once, as it
-would anyway. Saved for the backward: s, u (B*(D+R)*4) and mu, rstd; F itself is not saved (its values are not
-needed), so recomputing s would cost a second full read of F: storing s (1/(K*HW) of F) is the cheaper side.
+would anyway. Saved for the backward: s, u (B*(D+R)*4), mu, var and the attention a; F itself is not saved (its
+values are not needed). s is 1/(K*HW) of F (1/256 at ResNet-32 shapes); recomputing it instead would cost the
+backward a second full read of F, so storing it is the cheaper side. Per training step the fused path moves
+F once (read) plus O(B*(D + R + K*C)); eager additionally writes and reads sum_k F in the forward and writes
+(B, D, H, W) in the backward (mean's backward), besides ~20 more launches.
+
+Tuning left for a GPU (benchmarks/gpu_checks/ffm.sh): kernel A has one program per sample, i.e. B programs of
+4 warps (B=128 on 132 SMs: one wave); if it does not reach ~70% of HBM bandwidth at WRN shapes, try num_warps 8
+or splitting D across programs (u then needs a second pass or atomics). Block sizes come from the register budget
+(POOL_TILE, HEAD_TILE), not from autotuning.
 
 All arithmetic is fp32 whatever the input dtype; every load and store is masked; row offsets are int64. Small
 matrix products use tl.dot(input_precision="ieee") (fp32 FMA, not tf32) so fp32 results match the reference.
@@ -55,7 +66,11 @@ import triton.language as tl
 # launch heuristics
 # ---------------------------------------------------------------------------------------------------------------
 
-MAX_TILE = 8192  # fp32 elements of the largest register tile of one program (4 warps: 64 per thread)
+# Register budget: the tile sizes below keep every live tile at <= 16 fp32 values per thread, so no kernel spills
+# at any supported shape on sm_80/sm_90 (checked by benchmarks/gpu_checks/compile_ffm.py with ptxas -v).
+POOL_TILE = 4096  # kernel A: F tile [BLOCK_KC, BLOCK_D, BLOCK_HW] and W1 tile [BLOCK_R, BLOCK_D], 8 warps
+POOL_WARPS = 8  # one program per sample streams B*K*D*HW: more warps, more loads in flight per SM
+HEAD_TILE = 2048  # kernels B, C: [BLOCK_B, BLOCK_R] and [BLOCK_B, BLOCK_C] tiles, 4 warps
 NUM_WARPS = 4
 DOT_BLOCK = 32  # tile edge of the tl.dot products in kernel D (tl.dot needs every dimension >= 16)
 
@@ -64,23 +79,24 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def pool_blocks(d: int, hw: int, r: int) -> tuple[int, int, int, int]:
-    """(BLOCK_D, BLOCK_HW, NUM_HW_BLOCKS, BLOCK_R) of kernel A: a [BLOCK_D, BLOCK_HW] tile per (k, hw-block), and a
-    [BLOCK_R, BLOCK_D] slice of W1 for the projection. All archs have HW <= 64, so NUM_HW_BLOCKS is 1."""
+def pool_blocks(k: int, d: int, hw: int, r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_KC, BLOCK_D, BLOCK_HW, BLOCK_R) of kernel A: a [BLOCK_KC, BLOCK_D, BLOCK_HW] tile of F per step (K
+    chunks only when D*HW is small, e.g. VGG's 2x2 maps) and a [BLOCK_R, BLOCK_D] slice of W1."""
     block_hw = min(_pow2(hw), 64)
     block_r = _pow2(r)
-    block_d = max(min(_pow2(d), 4096 // block_hw, MAX_TILE // block_r), 1)
-    return block_d, block_hw, triton.cdiv(hw, block_hw), block_r
+    block_d = max(min(_pow2(d), POOL_TILE // block_hw, POOL_TILE // block_r), 1)
+    block_kc = max(min(_pow2(k), POOL_TILE // (block_d * block_hw)), 1)
+    return block_kc, block_d, block_hw, block_r
 
 
 def head_blocks(k: int, r: int, c: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_B, BLOCK_BS, BLOCK_K, BLOCK_R, BLOCK_C) of kernels B and C: rows per program, rows per step of the
-    batch-statistics loop, and the padded K, R and class-chunk widths ([BLOCK_B, BLOCK_K, max(R, C)] tiles)."""
+    batch-statistics loop, and the padded K, R and class-chunk widths."""
     block_k = max(_pow2(k), 2)
     block_r = _pow2(r)
     block_c = min(_pow2(c), 128)
-    block_b = max(min(16, MAX_TILE // (block_k * max(block_r, block_c))), 1)
-    block_bs = max(min(MAX_TILE // block_r, 256), 1)
+    block_b = max(min(32, HEAD_TILE // max(block_r, block_c)), 1)
+    block_bs = max(min(HEAD_TILE // block_r, 256), 1)
     return block_b, block_bs, block_k, block_r, block_c
 
 
@@ -101,12 +117,12 @@ def _ffm_pool_project_kernel(
     stride_fhw,
     stride_w1r,
     stride_w1d,
+    K,
     D,
     R,
     HW,
     inv_hw,
-    K: tl.constexpr,
-    NUM_HW_BLOCKS: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -115,19 +131,26 @@ def _ffm_pool_project_kernel(
     f_row = f_ptr + b * stride_fb
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
+    offs_kc = tl.arange(0, BLOCK_KC)
     u_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D, BLOCK_HW], dtype=tl.float32)
-        # sum_k sum_hw F[b, k, d, hw]: unrolled so that the K * NUM_HW_BLOCKS loads are all in flight together
-        for k in tl.static_range(K):
-            for j in tl.static_range(NUM_HW_BLOCKS):
-                offs_hw = j * BLOCK_HW + tl.arange(0, BLOCK_HW)
-                mask = mask_d[:, None] & (offs_hw < HW)[None, :]
-                ptrs = f_row + k * stride_fk + offs_d[:, None] * stride_fd + offs_hw[None, :] * stride_fhw
+        acc = tl.zeros([BLOCK_KC, BLOCK_D, BLOCK_HW], dtype=tl.float32)
+        # sum_k sum_hw F[b, k, d, hw], BLOCK_KC branches x BLOCK_HW pixels per step
+        for k0 in range(0, K, BLOCK_KC):
+            offs_k = k0 + offs_kc
+            for hw0 in range(0, HW, BLOCK_HW):
+                offs_hw = hw0 + tl.arange(0, BLOCK_HW)
+                mask = (offs_k < K)[:, None, None] & mask_d[None, :, None] & (offs_hw < HW)[None, None, :]
+                ptrs = (
+                    f_row
+                    + offs_k[:, None, None] * stride_fk
+                    + offs_d[None, :, None] * stride_fd
+                    + offs_hw[None, None, :] * stride_fhw
+                )
                 acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        s_blk = tl.sum(acc, axis=1) * inv_hw  # [BLOCK_D]
+        s_blk = tl.sum(tl.sum(acc, axis=2), axis=0) * inv_hw  # [BLOCK_D]
         tl.store(s_ptr + b * D + offs_d, s_blk, mask=mask_d)
         # u[b, r] += sum_d W1[r, d] s[b, d]
         w1 = tl.load(
@@ -140,18 +163,24 @@ def _ffm_pool_project_kernel(
 
 
 @triton.jit
+def _column(x, offs_k, k):
+    """Column k of a [BLOCK_B, BLOCK_K] tile as a [BLOCK_B] vector (K <= 8: a masked row sum, no gather)."""
+    return tl.sum(tl.where(offs_k[None, :] == k, x, 0.0), axis=1)
+
+
+@triton.jit
 def _ffm_head_fwd_kernel(
     u_ptr,  # [B, R] fp32 BatchNorm input
     gamma_ptr,  # [R] bn.weight
     beta_ptr,  # [R] bn.bias
-    w2_ptr,  # [K, R] fc2.weight
+    w2_ptr,  # [K, R] fc2.weight, contiguous
     b2_ptr,  # [K] fc2.bias
     z_ptr,  # [B, K, C] branch logits (any dtype), strides given
     a_ptr,  # [B, K] fp32 out: attention
     t_ptr,  # [B, C] fp32 out: teacher
     mean_ptr,  # [R] fp32 out: the mean used (batch or running), saved for backward
-    rstd_ptr,  # [R] fp32 out: 1 / sqrt(var + eps) used, saved for backward
-    rm_ptr,  # [R] running_mean: read when not USE_BATCH_STATS, updated when UPDATE_RUNNING
+    var_ptr,  # [R] fp32 out: the (biased) variance used, saved for backward and for the running update
+    rm_ptr,  # [R] running_mean: read when not USE_BATCH_STATS
     rv_ptr,  # [R] running_var: idem
     stride_zb,
     stride_zk,
@@ -161,10 +190,7 @@ def _ffm_head_fwd_kernel(
     R,
     C,
     eps,
-    momentum,
-    unbias,  # B / (B - 1): running_var tracks the unbiased variance, as torch's BatchNorm does
     USE_BATCH_STATS: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_BS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -190,19 +216,13 @@ def _ffm_head_fwd_kernel(
         mean_c = acc1 / B
         var = tl.maximum(acc2 / B - mean_c * mean_c, 0.0)
         mean = shift + mean_c
-        rstd = 1.0 / tl.sqrt(var + eps)
-        if UPDATE_RUNNING:
-            if pid == 0:
-                rm = tl.load(rm_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-                rv = tl.load(rv_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-                tl.store(rm_ptr + offs_r, (1.0 - momentum) * rm + momentum * mean, mask=mask_r)
-                tl.store(rv_ptr + offs_r, (1.0 - momentum) * rv + momentum * var * unbias, mask=mask_r)
     else:
         mean = tl.load(rm_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.load(rv_ptr + offs_r, mask=mask_r, other=1.0).to(tl.float32) + eps)
+        var = tl.load(rv_ptr + offs_r, mask=mask_r, other=1.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(var + eps)
     if pid == 0:
         tl.store(mean_ptr + offs_r, mean, mask=mask_r)
-        tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
+        tl.store(var_ptr + offs_r, var, mask=mask_r)
 
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
@@ -215,28 +235,50 @@ def _ffm_head_fwd_kernel(
     x = tl.load(u_ptr + rows[:, None] * R + offs_r[None, :], mask=mask_br, other=0.0)
     # h = ReLU(BN(u)); padded rows / columns are zeroed so they add nothing below
     h = tl.where(mask_br, tl.maximum((x - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :], 0.0), 0.0)
-    w2 = tl.load(
-        w2_ptr + offs_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0
-    ).to(tl.float32)
-    b2 = tl.load(b2_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    logit = tl.sum(h[:, None, :] * w2[None, :, :], axis=2) + b2[None, :]  # [BLOCK_B, BLOCK_K] = h W2^T + b2
-    logit = tl.where(mask_k[None, :], logit, float("-inf"))
-    e = tl.exp(logit - tl.max(logit, axis=1)[:, None])
+    # logit[:, k] = h W2[k]^T + b2[k], one branch at a time (K <= 8) to keep the tiles 2-D
+    logit = tl.full([BLOCK_B, BLOCK_K], float("-inf"), dtype=tl.float32)
+    for k in range(K):
+        w2k = tl.load(w2_ptr + k * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        lk = tl.sum(h * w2k[None, :], axis=1) + tl.load(b2_ptr + k).to(tl.float32)
+        logit = tl.where(offs_k[None, :] == k, lk[:, None], logit)
+    e = tl.exp(logit - tl.max(logit, axis=1)[:, None])  # padded branches: exp(-inf) = 0
     a = e / tl.sum(e, axis=1)[:, None]  # softmax over the branches
     tl.store(a_ptr + rows[:, None] * K + offs_k[None, :], a, mask=mask_b[:, None] & mask_k[None, :])
 
     # t[b, c] = sum_k a[b, k] z[b, k, c]
-    mask_bk = mask_b[:, None, None] & mask_k[None, :, None]
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        z = tl.load(
-            z_ptr + rows[:, None, None] * stride_zb + offs_k[None, :, None] * stride_zk + offs_c[None, None, :] * stride_zc,
-            mask=mask_bk & mask_c[None, None, :],
-            other=0.0,
-        ).to(tl.float32)
-        t = tl.sum(a[:, :, None] * z, axis=1)
-        tl.store(t_ptr + rows[:, None] * C + offs_c[None, :], t, mask=mask_b[:, None] & mask_c[None, :])
+        mask_bc = mask_b[:, None] & (offs_c < C)[None, :]
+        t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for k in range(K):
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zb + k * stride_zk + offs_c[None, :] * stride_zc, mask=mask_bc, other=0.0
+            ).to(tl.float32)
+            t += _column(a, offs_k, k)[:, None] * z
+        tl.store(t_ptr + rows[:, None] * C + offs_c[None, :], t, mask=mask_bc)
+
+
+@triton.jit
+def _ffm_running_stats_kernel(
+    rm_ptr,  # [R] running_mean, updated in place
+    rv_ptr,  # [R] running_var, updated in place
+    mean_ptr,  # [R] fp32 batch mean (from kernel B)
+    var_ptr,  # [R] fp32 biased batch variance (from kernel B)
+    R,
+    momentum,
+    unbias,  # B / (B - 1): running_var tracks the unbiased variance, as torch's BatchNorm does
+    BLOCK_R: tl.constexpr,
+):
+    # r <- (1 - momentum) r + momentum x. A launch of its own because a torch.library op with an autograd formula
+    # may not mutate its inputs (the fused forward is functional; this op is the mutation).
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    rm = tl.load(rm_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
+    var = tl.load(var_ptr + offs_r, mask=mask_r, other=0.0)
+    tl.store(rm_ptr + offs_r, (1.0 - momentum) * rm + momentum * mean, mask=mask_r)
+    tl.store(rv_ptr + offs_r, (1.0 - momentum) * rv + momentum * var * unbias, mask=mask_r)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,10 +294,10 @@ def _ffm_head_bwd_kernel(
     a_ptr,  # [B, K] fp32 attention (saved output)
     u_ptr,  # [B, R] fp32 BatchNorm input (saved)
     mean_ptr,  # [R] fp32 (saved)
-    rstd_ptr,  # [R] fp32 (saved)
+    var_ptr,  # [R] fp32 (saved)
     gamma_ptr,  # [R]
     beta_ptr,  # [R]
-    w2_ptr,  # [K, R]
+    w2_ptr,  # [K, R], contiguous
     dz_ptr,  # [B, K, C] out, contiguous, logits dtype: dz = a dt
     dy_ptr,  # [B, R] fp32 out: dL/dy, the BatchNorm output gradient (after the ReLU mask)
     part_ptr,  # [G, P] fp32 out: this program's partial sums: dW2 (K*R) | db2 (K) | dgamma (R) | dbeta (R)
@@ -271,6 +313,7 @@ def _ffm_head_bwd_kernel(
     R,
     C,
     P,
+    eps,
     HAS_DA: tl.constexpr,
     HAS_DT: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -297,51 +340,47 @@ def _ffm_head_bwd_kernel(
     # da[b, k] += sum_c dt[b, c] z[b, k, c];  dz[b, k, c] = a[b, k] dt[b, c]
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        mask_bkc = mask_bk[:, :, None] & mask_c[None, None, :]
+        mask_bc = mask_b[:, None] & (offs_c < C)[None, :]
         if HAS_DT:
             dt = tl.load(
-                dt_ptr + rows[:, None] * stride_dtb + offs_c[None, :] * stride_dtc,
-                mask=mask_b[:, None] & mask_c[None, :],
-                other=0.0,
+                dt_ptr + rows[:, None] * stride_dtb + offs_c[None, :] * stride_dtc, mask=mask_bc, other=0.0
             ).to(tl.float32)
-            z = tl.load(
-                z_ptr
-                + rows[:, None, None] * stride_zb
-                + offs_k[None, :, None] * stride_zk
-                + offs_c[None, None, :] * stride_zc,
-                mask=mask_bkc,
-                other=0.0,
-            ).to(tl.float32)
-            da += tl.sum(z * dt[:, None, :], axis=2)
-            dz = a[:, :, None] * dt[:, None, :]
         else:
-            dz = tl.zeros([BLOCK_B, BLOCK_K, BLOCK_C], dtype=tl.float32)
-        dz_ptrs = dz_ptr + rows[:, None, None] * (K * C) + offs_k[None, :, None] * C + offs_c[None, None, :]
-        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_bkc)
+            dt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for k in range(K):
+            if HAS_DT:
+                z = tl.load(
+                    z_ptr + rows[:, None] * stride_zb + k * stride_zk + offs_c[None, :] * stride_zc,
+                    mask=mask_bc,
+                    other=0.0,
+                ).to(tl.float32)
+                da = tl.where(offs_k[None, :] == k, da + tl.sum(z * dt, axis=1)[:, None], da)
+            dz = _column(a, offs_k, k)[:, None] * dt
+            dz_ptrs = dz_ptr + rows[:, None] * (K * C) + k * C + offs_c[None, :]
+            tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_bc)
     # softmax backward: dl = a * (da - sum_j a_j da_j); zero on padded rows since a = 0 there
     dl = a * (da - tl.sum(a * da, axis=1)[:, None])
 
     mask_br = mask_b[:, None] & mask_r[None, :]
     mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_r, mask=mask_r, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_r, mask=mask_r, other=1.0) + eps)
     gamma = tl.load(gamma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     x = tl.load(u_ptr + rows[:, None] * R + offs_r[None, :], mask=mask_br, other=0.0)
     xhat = tl.where(mask_br, (x - mean[None, :]) * rstd[None, :], 0.0)  # recomputed, not stored
     y = xhat * gamma[None, :] + beta[None, :]
     h = tl.where(mask_br, tl.maximum(y, 0.0), 0.0)
-    w2 = tl.load(
-        w2_ptr + offs_k[:, None] * R + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0
-    ).to(tl.float32)
-    dh = tl.sum(dl[:, :, None] * w2[None, :, :], axis=1)  # [BLOCK_B, BLOCK_R] = dl W2
+    # dh = dl W2, and this program's share of dW2 = dl^T h, one branch at a time
+    part = part_ptr + pid.to(tl.int64) * P
+    dh = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+    for k in range(K):
+        dl_k = _column(dl, offs_k, k)
+        w2k = tl.load(w2_ptr + k * R + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        dh += dl_k[:, None] * w2k[None, :]
+        tl.store(part + k * R + offs_r, tl.sum(dl_k[:, None] * h, axis=0), mask=mask_r)
     dy = tl.where(mask_br & (y > 0.0), dh, 0.0)  # ReLU backward (torch: grad where output > 0)
     tl.store(dy_ptr + rows[:, None] * R + offs_r[None, :], dy, mask=mask_br)
-
-    # this program's share of the batch sums: dW2 = dl^T h, db2 = sum dl, dgamma = sum dy xhat, dbeta = sum dy
-    part = part_ptr + pid.to(tl.int64) * P
-    dw2 = tl.sum(dl[:, :, None] * h[:, None, :], axis=0)  # [BLOCK_K, BLOCK_R]
-    tl.store(part + offs_k[:, None] * R + offs_r[None, :], dw2, mask=mask_k[:, None] & mask_r[None, :])
+    # the rest of this program's batch sums: db2 = sum dl, dgamma = sum dy xhat, dbeta = sum dy
     tl.store(part + K * R + offs_k, tl.sum(dl, axis=0), mask=mask_k)
     tl.store(part + K * R + K + offs_r, tl.sum(dy * xhat, axis=0), mask=mask_r)
     tl.store(part + K * R + K + R + offs_r, tl.sum(dy, axis=0), mask=mask_r)
@@ -381,7 +420,7 @@ def _ffm_param_input_bwd_kernel(
     dy_ptr,  # [B, R] fp32 from kernel C
     u_ptr,  # [B, R] fp32 (saved)
     mean_ptr,  # [R] fp32 (saved)
-    rstd_ptr,  # [R] fp32 (saved)
+    var_ptr,  # [R] fp32 (saved)
     gamma_ptr,  # [R]
     s_ptr,  # [B, D] fp32 pooled features (saved)
     w1_ptr,  # [R, D] fc1.weight
@@ -402,6 +441,7 @@ def _ffm_param_input_bwd_kernel(
     P,
     inv_b,
     inv_hw,
+    eps,
     USE_BATCH_STATS: tl.constexpr,
     BLOCK: tl.constexpr,  # edge of the dot tiles (rows of B, columns of R and D)
     BLOCK_G: tl.constexpr,
@@ -420,7 +460,7 @@ def _ffm_param_input_bwd_kernel(
         mask_r = offs_r < R
         mask_d = offs_d < D
         mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_r, mask=mask_r, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_r, mask=mask_r, other=1.0) + eps)
         gamma = tl.load(gamma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         dgamma = _column_totals(part_ptr, col_dgamma + offs_r, mask_r, G, P, BLOCK_G, BLOCK)
         dbeta = _column_totals(part_ptr, col_dbeta + offs_r, mask_r, G, P, BLOCK_G, BLOCK)
@@ -459,7 +499,7 @@ def _ffm_param_input_bwd_kernel(
             offs_r = r0 + offs
             mask_r = offs_r < R
             mean = tl.load(mean_ptr + offs_r, mask=mask_r, other=0.0)
-            rstd = tl.load(rstd_ptr + offs_r, mask=mask_r, other=0.0)
+            rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_r, mask=mask_r, other=1.0) + eps)
             gamma = tl.load(gamma_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
             dgamma = _column_totals(part_ptr, col_dgamma + offs_r, mask_r, G, P, BLOCK_G, BLOCK)
             dbeta = _column_totals(part_ptr, col_dbeta + offs_r, mask_r, G, P, BLOCK_G, BLOCK)
@@ -503,12 +543,11 @@ def ffm_forward(
     fc2_bias: torch.Tensor,  # (K,)
     running_mean: torch.Tensor | None,  # (R,) or None
     running_var: torch.Tensor | None,  # (R,) or None
-    training: bool,
-    momentum: float,
+    use_batch_stats: bool,
     eps: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Kernels A + B. Returns fp32 (attention (B, K), teacher (B, C), pooled s (B, D), bn_input u (B, R),
-    mean (R,), rstd (R,)); updates the running statistics in place when ``training`` and they are given."""
+    """Kernels A + B. Returns fp32 (attention (B, K), teacher (B, C), pooled s (B, D), bn_input u (B, R), mean (R,),
+    var (R,)): the statistics BatchNorm used (biased batch variance, or the running ones). Mutates nothing."""
     batch, num_branches, channels, height, width = features.shape
     num_classes = logits.shape[2]
     hidden = fc1_weight.shape[0]
@@ -521,9 +560,9 @@ def ffm_forward(
     attention = torch.empty(batch, num_branches, device=dev, dtype=f32)
     teacher = torch.empty(batch, num_classes, device=dev, dtype=f32)
     mean = torch.empty(hidden, device=dev, dtype=f32)
-    rstd = torch.empty(hidden, device=dev, dtype=f32)
+    var = torch.empty(hidden, device=dev, dtype=f32)
 
-    block_d, block_hw, num_hw_blocks, block_r = pool_blocks(channels, hw, hidden)
+    block_kc, block_d, block_hw, block_r = pool_blocks(num_branches, channels, hw, hidden)
     _ffm_pool_project_kernel[(batch,)](
         features,
         fc1_weight,
@@ -535,22 +574,20 @@ def ffm_forward(
         stride_hw,
         fc1_weight.stride(0),
         fc1_weight.stride(1),
+        num_branches,
         channels,
         hidden,
         hw,
         1.0 / hw,
-        K=num_branches,
-        NUM_HW_BLOCKS=num_hw_blocks,
+        BLOCK_KC=block_kc,
         BLOCK_D=block_d,
         BLOCK_HW=block_hw,
         BLOCK_R=block_r,
-        num_warps=NUM_WARPS,
+        num_warps=POOL_WARPS,
     )
 
-    use_batch_stats = training or running_mean is None
-    update_running = training and running_mean is not None
     block_b, block_bs, block_k, block_r, block_c = head_blocks(num_branches, hidden, num_classes)
-    stats_dummy = mean  # never read or written when the running statistics are absent
+    stats_dummy = mean  # never read when batch statistics are used
     _ffm_head_fwd_kernel[(triton.cdiv(batch, block_b),)](
         bn_input,
         bn_weight,
@@ -561,7 +598,7 @@ def ffm_forward(
         attention,
         teacher,
         mean,
-        rstd,
+        var,
         running_mean if running_mean is not None else stats_dummy,
         running_var if running_var is not None else stats_dummy,
         logits.stride(0),
@@ -572,10 +609,7 @@ def ffm_forward(
         hidden,
         num_classes,
         eps,
-        momentum,
-        batch / max(batch - 1, 1),
         USE_BATCH_STATS=use_batch_stats,
-        UPDATE_RUNNING=update_running,
         BLOCK_B=block_b,
         BLOCK_BS=block_bs,
         BLOCK_K=block_k,
@@ -583,7 +617,22 @@ def ffm_forward(
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
-    return attention, teacher, pooled, bn_input, mean, rstd
+    return attention, teacher, pooled, bn_input, mean, var
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,  # (R,) updated in place
+    running_var: torch.Tensor,  # (R,) updated in place
+    mean: torch.Tensor,  # (R,) fp32 batch mean
+    var: torch.Tensor,  # (R,) fp32 biased batch variance
+    momentum: float,
+    batch: int,
+) -> None:
+    hidden = mean.shape[0]
+    block_r = min(_pow2(hidden), 1024)
+    _ffm_running_stats_kernel[(triton.cdiv(hidden, block_r),)](
+        running_mean, running_var, mean, var, hidden, momentum, batch / max(batch - 1, 1), BLOCK_R=block_r
+    )
 
 
 def ffm_backward(
@@ -598,8 +647,9 @@ def ffm_backward(
     pooled: torch.Tensor,  # (B, D) fp32, saved
     bn_input: torch.Tensor,  # (B, R) fp32, saved
     mean: torch.Tensor,  # (R,) fp32, saved
-    rstd: torch.Tensor,  # (R,) fp32, saved
+    var: torch.Tensor,  # (R,) fp32, saved
     use_batch_stats: bool,
+    eps: float,
     hw: int,
 ) -> tuple[torch.Tensor, ...]:
     """Kernels C + D. Returns fp32 (grad_pooled_per_pixel (B, D) = dL/dF[b, k, d, h, w], grad_logits (B, K, C) in
@@ -625,7 +675,7 @@ def ffm_backward(
         attention,
         bn_input,
         mean,
-        rstd,
+        var,
         bn_weight,
         bn_bias,
         fc2_weight,
@@ -644,6 +694,7 @@ def ffm_backward(
         hidden,
         num_classes,
         width,
+        eps,
         HAS_DA=grad_attention is not None,
         HAS_DT=grad_teacher is not None,
         BLOCK_B=block_b,
@@ -661,14 +712,14 @@ def ffm_backward(
     grad_beta = torch.empty(hidden, device=dev, dtype=f32)
     block = DOT_BLOCK
     block_g = min(_pow2(groups), 64)
-    block_p = max(min(_pow2(width), MAX_TILE // block_g), 1)
+    block_p = max(min(_pow2(width), HEAD_TILE // block_g), 1)
     num_d = triton.cdiv(channels, block)
     grid = (triton.cdiv(hidden, block) * num_d + 1 + triton.cdiv(batch, block) * num_d,)
     _ffm_param_input_bwd_kernel[grid](
         grad_y,
         bn_input,
         mean,
-        rstd,
+        var,
         bn_weight,
         pooled,
         fc1_weight,
@@ -689,6 +740,7 @@ def ffm_backward(
         width,
         1.0 / batch,
         1.0 / hw,
+        eps,
         USE_BATCH_STATS=use_batch_stats,
         BLOCK=block,
         BLOCK_G=block_g,

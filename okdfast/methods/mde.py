@@ -21,13 +21,14 @@ What is confirmed and what is our reading (METHOD.md section 3; search of the pa
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
 from okdfast.methods.registry import register_method
 from okdfast.models import MultiBranchNet
 from okdfast.models.ffm import FeatureFusionModule
+from okdfast.ops.classifier_diversity import classifier_diversity_loss
+from okdfast.ops.dispatch import fused_enabled
 from okdfast.ops.reference import classifier_diversity_loss_reference
 
 
@@ -40,12 +41,11 @@ class MDE(Method):
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
         self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches)
-        self.ffm = FeatureFusionModule(self.net.feature_channels, config.num_branches)
+        self.ffm = FeatureFusionModule(self.net.feature_channels, config.num_branches, fused=config.fused_ffm)
 
     def forward(self, images: Tensor) -> MethodOutput:
         out = self.net(images)
-        attention = self.ffm(out.features)
-        teacher = torch.einsum("bk,bkc->bc", attention, out.logits)
+        attention, teacher = self.ffm(out.features, out.logits)  # fused op on CUDA (--fused-ffm)
         return MethodOutput(out.logits, teacher=teacher, head=teacher, attention=attention)
 
     def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
@@ -53,7 +53,9 @@ class MDE(Method):
             output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False, teacher_ce_weight=1.0
         )
         if self.config.cd_weight != 0.0:
-            cd = classifier_diversity_loss_reference(self.net.classifier_weights())
+            weights = self.net.classifier_weights()
+            fused = fused_enabled(self.config.fused_loss, weights)
+            cd = classifier_diversity_loss(weights) if fused else classifier_diversity_loss_reference(weights)
             total = total + self.config.cd_weight * cd
             terms["cd"] = cd.detach()
         return LossTerms(total, terms)

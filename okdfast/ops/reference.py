@@ -1,7 +1,8 @@
 """Pure-PyTorch references of every okdfast op: the spec, the CPU fallback and the test oracle.
 
 The fused Triton kernels (``okdfast.kernels``) must equal these functions; tests and benchmarks import them from
-here so they can never drift apart. Everything is computed in float32 (inputs are upcast) whatever the input dtype.
+here so they can never drift apart. Everything is computed in float32 (inputs are upcast) whatever the input dtype,
+except float64, which stays float64 (:func:`upcast`).
 
 Notation (METHOD.md): B batch, K branches, C classes, z_k the logits of branch k, T the temperature,
 p^T(z) = softmax(z / T), KL(p || q) = sum_c p_c (log p_c - log q_c), CE(z, y) = -log softmax(z)_y.
@@ -17,6 +18,12 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 KD_MODES = ("ensemble", "peer")
+
+
+def upcast(x: Tensor) -> Tensor:
+    """The compute dtype of every reference: float32, except that float64 stays float64 (so that
+    ``torch.autograd.gradcheck`` can check the fused ops' CPU path against finite differences)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def smoothed_cross_entropy_rows(logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
@@ -87,12 +94,12 @@ def online_kd_rows_reference(
     ignore_index: int = -100,
 ) -> OnlineKDRows:
     """The three unweighted per-row terms of :func:`online_kd_loss_reference` (see there for the equations)."""
-    z = logits.float()
+    z = upcast(logits)
     num_branches = z.shape[1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
 
-    t = z.mean(dim=1) if teacher is None else teacher.float()
+    t = z.mean(dim=1) if teacher is None else upcast(teacher)
     ce = smoothed_cross_entropy_rows(z, safe_target.unsqueeze(1).expand(-1, num_branches), label_smoothing).sum(1)
     if t.dim() == 2:
         teacher_ce = smoothed_cross_entropy_rows(t, safe_target, label_smoothing)
@@ -173,7 +180,7 @@ def classifier_diversity_loss_reference(weights: Tensor, *, eps: float = 1e-8) -
     the minimum is "different" (orthogonal), not "opposite". Returns a float32 scalar.
     See okdfast/methods/mde.py for why this form and what the paper text does and does not confirm.
     """
-    w = F.normalize(weights.float(), dim=-1, eps=eps)  # (K, C, D)
+    w = F.normalize(upcast(weights), dim=-1, eps=eps)  # (K, C, D)
     num_branches = w.shape[0]
     cosine = torch.einsum("kcd,lcd->klc", w, w)  # (K, K, C)
     first, second = torch.triu_indices(num_branches, num_branches, offset=1, device=w.device)
