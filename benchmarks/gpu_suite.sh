@@ -46,7 +46,7 @@ step environment 30 bash -c "nvidia-smi; python -c 'import torch, triton; print(
 step gpu-tests 150 python -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
 
 # 3. kernel microbenchmarks, loaders, end to end
-step bench_loss 75 python -m benchmarks.bench_loss
+step bench_loss 90 python -m benchmarks.bench_loss --quick --dtype bf16 --shapes 128x4x100 4096x4x32768
 step bench_ffm 75 python -m benchmarks.bench_ffm --quick
 step bench_loader 60 python -m benchmarks.bench_loader --quick
 step bench_train 150 python -m benchmarks.bench_train --steps 30 --repeats 3 --warmup 15

@@ -1,0 +1,107 @@
+"""What every fused op shares: when to run the Triton kernel, and the backward of a gradient saved by the forward.
+
+When Triton runs (``use_triton``):
+- CUDA tensors: the Triton kernel, whenever ``triton`` is importable.
+- CPU tensors: the op's PyTorch path (the reference), unless ``OKDFAST_FORCE_TRITON=1`` and ``TRITON_INTERPRET=1``
+  are both set; then the same kernel runs in Triton's CPU interpreter (how the tests exercise it without a GPU).
+  TRITON_INTERPRET is read by ``@triton.jit`` and by ``import triton`` itself (its standard library, tl.sum and
+  friends, is decorated at import), so it must be in the environment before anything in the process imports
+  triton; setting it later leaves compiled-mode kernels that cannot run on CPU tensors (the launchers then raise).
+
+``MethodConfig.fused_loss`` / ``--fused-loss`` (``fused_enabled``): 'on' always uses the op (on the CPU its PyTorch
+path), 'off' never (the reference), 'auto' uses it where the Triton kernel runs.
+
+Fused ops in the Liger style write their input gradients during the forward; the backward is then only
+``saved_grad * grad_output``: :func:`scale_saved_grad` (the op ``okdfast::scale_saved_grad``). It is a custom op of
+its own so that differentiating it again (double backward) raises a clear error instead of silently returning
+wrong second derivatives: these ops are once-differentiable; use ``okdfast.ops.reference`` for higher order.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_requested() -> bool:
+    """True when CPU tensors should run the Triton kernels in the interpreter (both variables set to 1)."""
+    return os.environ.get("OKDFAST_FORCE_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether the Triton kernels run for tensors on ``device`` (CUDA; CPU only in the interpreter)."""
+    device = torch.device(device)
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_requested()
+
+
+def use_triton(tensor: Tensor, *, float64: bool = False) -> bool:
+    """Whether an op on ``tensor`` runs its Triton kernel. ``float64``: whether the op's kernel accepts float64
+    (the loss kernels do, so gradcheck covers them; ops whose kernels do not leave float64 to PyTorch)."""
+    if tensor.dtype == torch.float64 and not float64:
+        return False
+    return triton_runs_on(tensor.device)
+
+
+def fused_enabled(mode: str, where: Tensor | torch.device | str) -> bool:
+    """The ``--fused-*`` flags: 'on' -> True, 'off' -> False, 'auto' -> where the Triton kernel runs (for the
+    tensor's or the given device)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"fused mode {mode!r}: use 'auto', 'on' or 'off'")
+    if mode == "auto":
+        return triton_runs_on(where.device if isinstance(where, Tensor) else where)
+    return mode == "on"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the backward of a saved gradient
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("okdfast::scale_saved_grad", mutates_args=())
+def scale_saved_grad(grad_output: Tensor, saved_grad: Tensor) -> Tensor:
+    """``saved_grad * grad_output``: a scalar grad_output (reduction 'mean' / 'sum'), or a (B,) one (reduction
+    'none') that scales row b of ``saved_grad`` (B, ...). The result has ``saved_grad``'s dtype."""
+    if grad_output.dim() == 1:
+        grad_output = grad_output.view(-1, *([1] * (saved_grad.dim() - 1)))
+    return saved_grad * grad_output.to(saved_grad.dtype)
+
+
+@scale_saved_grad.register_fake
+def _(grad_output: Tensor, saved_grad: Tensor) -> Tensor:
+    return torch.empty_like(saved_grad)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "okdfast's fused losses are once-differentiable: their backward scales a gradient saved by the forward, so a "
+    "differentiable backward (create_graph=True, double backward) is not supported; use the references in "
+    "okdfast.ops.reference (or MethodConfig(fused_loss='off')) for higher-order gradients"
+)
+
+
+def check_once_differentiable() -> None:
+    """Called first in every fused op's backward: grad mode is on there only under create_graph=True."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _no_double_backward(ctx, grad: Tensor) -> tuple[None, None]:
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+scale_saved_grad.register_autograd(_no_double_backward)
