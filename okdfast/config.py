@@ -27,7 +27,7 @@ class TrainConfig:
     subset: int | None = None  # N: seeded subset of N training and N/5 test images, for quick runs
     data_seed: int = 0  # fixes the synthetic data and the --subset draw (independent of --seed, so seeds compare)
     workers: int = 2  # DataLoader worker processes (torch loader); DALI / FFCV threads
-    loader: str = "auto"  # auto | gpu | dali | ffcv | torch (okdfast.data.factory; auto: gpu on CUDA, torch on CPU)
+    loader: str = "auto"  # auto | gpu | dali | ffcv | torch (okdfast.data.factory; auto: gpu if the data fits)
     # optimisation (OKDDip code: SGD nesterov, wd 5e-4, lr 0.1, /10 at epochs 150 and 225 of 300, batch 128)
     epochs: int = 300
     batch_size: int = 128
@@ -154,7 +154,7 @@ class TrainConfig:
 
 _HELP = {
     "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
-    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; torch on CPU",
+    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; gpu (on CPU tensors) on the CPU",
     "method": "the method to train",
     "arch": "backbone architecture",
     "branches": "number of branches K (default: the method's)",

@@ -1,0 +1,289 @@
+"""Figures of training runs, from the metrics every run folder holds (metrics.jsonl, config.yaml, summary.json).
+
+    python -m okdfast.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--include-unfinished]
+
+Per run, in RUN_DIR/plots/:
+- accuracy.png: test top-1 (%) per epoch of every branch (thin), the branch mean (thick), the ensemble (dashed)
+  and the method's own head (ONE's gate, MDE's FFM, OKDDip's leader; dotted).
+- losses.png: the training loss terms per epoch (total, CE, KD, teacher CE, CD; whichever the method has).
+- diversity.png: the branches' diversity per epoch: mean pairwise KL (left axis) and disagreement (right axis).
+Given several runs, also OUT/comparison.png (OUT: --out, default the runs' common parent folder + /plots): the
+final top-1 error (%) of each (method, arch, data set), branch mean and ensemble, mean over its seeds with the
+sample std as error bar; finished runs only unless --include-unfinished.
+
+Each ``*_figure`` function returns the matplotlib Figure (object-oriented API, no pyplot state, no backend
+switch), so callers and tests can inspect its lines and bars. matplotlib is optional: without it this module says
+how to install it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+INSTALL_HINT = "okdfast.plot needs matplotlib: pip install matplotlib"
+LOSS_TERMS = ["loss", "ce", "kd", "teacher_ce", "cd"]  # drawn in this order when present, then any others
+
+
+def _figure(width: float = 7.0, height: float = 4.2) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    rows: list[dict[str, Any]]  # one per finished epoch (partial rows of an interrupted epoch dropped)
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c.get('method', '?')} {c.get('arch', '?')} {c.get('dataset', '?')} seed {c.get('seed', '?')}"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.summary.get("finished"))
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(row["epoch"], row[key]) for row in self.rows if row.get(key) is not None]
+        return [p[0] for p in points], [float(p[1]) for p in points]
+
+
+def load_run(run_dir: str | os.PathLike) -> RunData:
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; pass a run folder written by okdfast.train")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if not row.get("partial")]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return RunData(run_dir, rows, config or {}, summary)
+
+
+def _style_epochs(ax: Any, run: RunData) -> None:
+    """Integer epoch ticks; markers on every line when there are few epochs (a 1-epoch run is one point)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(run.rows) <= 40:
+        for line in ax.get_lines():
+            line.set_marker("o")
+            line.set_markersize(3)
+
+
+def _head_keys(rows: list[dict[str, Any]]) -> list[str]:
+    keys = {k for row in rows for k in row if k.startswith("acc_")}
+    return sorted(k for k in keys if not k.startswith("acc_branch_") and k != "acc_ensemble")
+
+
+def accuracy_figure(run: RunData) -> Figure:
+    """Test top-1 per epoch: one line per branch, the branch mean, the ensemble and the method's head."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    branch_keys = sorted(
+        {k for row in run.rows for k in row if k.startswith("acc_branch_") and k[len("acc_branch_") :].isdigit()},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+    for key in branch_keys:
+        ax.plot(*run.series(key), linewidth=0.9, alpha=0.6, label=f"branch {key.rsplit('_', 1)[1]}")
+    ax.plot(*run.series("acc_branch_mean"), color="black", linewidth=2.0, label="branch mean")
+    if any("acc_ensemble" in row for row in run.rows):
+        ax.plot(*run.series("acc_ensemble"), color="tab:red", linestyle="--", linewidth=1.8, label="ensemble")
+    for key in _head_keys(run.rows):
+        ax.plot(*run.series(key), color="tab:purple", linestyle=":", linewidth=1.8, label=f"{key[4:]} head")
+    ax.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title=f"Test accuracy: {run.label}")
+    _style_epochs(ax, run)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def loss_figure(run: RunData) -> Figure:
+    """Training loss terms per epoch: the mean over the epoch's steps of the total (the weighted sum that is
+    back-propagated) and of each unweighted term, as the loop logs them. Log scale when they span > 30x."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    present = {k[len("train_") :] for row in run.rows for k in row if k.startswith("train_")}
+    terms = [t for t in LOSS_TERMS if t in present] + sorted(present - set(LOSS_TERMS))
+    for term in terms:
+        style = {"color": "black", "linewidth": 2.0} if term == "loss" else {"linewidth": 1.3}
+        ax.plot(*run.series(f"train_{term}"), label="total" if term == "loss" else term.replace("_", " "), **style)
+    ax.set(xlabel="epoch", ylabel="training loss, epoch mean (terms unweighted)", title=f"Loss terms: {run.label}")
+    values = [v for line in ax.get_lines() for v in line.get_ydata()]
+    if values and min(values) > 0 and max(values) / min(values) > 30:  # KD / CD terms are orders below CE
+        ax.set_yscale("log")
+    _style_epochs(ax, run)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def diversity_figure(run: RunData) -> Figure:
+    """Mean pairwise KL between the branches (left axis) and their disagreement (right axis) per epoch."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(*run.series("diversity_kl"), color="tab:blue", label="diversity KL (mean over pairs)")
+    ax.set(xlabel="epoch", ylabel="mean pairwise KL(p_j || p_k)", title=f"Branch diversity: {run.label}")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(*run.series("disagreement"), color="tab:orange", label="disagreement (fraction)")
+    right.set_ylabel("disagreement (fraction of test images)")
+    _style_epochs(ax, run)
+    _style_epochs(right, run)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8)
+    return fig
+
+
+def comparison_groups(runs: list[RunData]) -> dict[str, dict[str, list[float]]]:
+    """(method arch dataset) -> {'branch mean': errors, 'ensemble': errors} of the last epoch, one per run."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        last = run.summary.get("last") or (run.rows[-1] if run.rows else {})
+        if "acc_branch_mean" not in last:
+            continue
+        c = run.config
+        key = f"{c.get('method', '?')}\n{c.get('arch', '?')}\n{c.get('dataset', '?')}"
+        group = groups.setdefault(key, {"branch mean": [], "ensemble": []})
+        group["branch mean"].append(100.0 - last["acc_branch_mean"])
+        if "acc_ensemble" in last:
+            group["ensemble"].append(100.0 - last["acc_ensemble"])
+    return groups
+
+
+def comparison_figure(
+    groups: dict[str, dict[str, list[float]]], references: dict[str, dict[str, float]] | None = None
+) -> Figure:
+    """Bars: mean top-1 error per group and metric; error bars: sample std over seeds (only where n > 1).
+    ``references``: group -> {'branch mean': x, 'ensemble': y} drawn as black markers (the paper's numbers)."""
+    fig = _figure(width=max(6.0, 1.1 * len(groups) + 2.0), height=4.6)
+    ax = fig.add_subplot()
+    metrics = ["branch mean", "ensemble"]
+    width = 0.38
+    for m, metric in enumerate(metrics):
+        xs, heights, errors, counts = [], [], [], []
+        for g, values in enumerate(groups.values()):
+            if values.get(metric):
+                xs.append(g + (m - 0.5) * width)
+                heights.append(statistics.fmean(values[metric]))
+                errors.append(statistics.stdev(values[metric]) if len(values[metric]) > 1 else 0.0)
+                counts.append(len(values[metric]))
+        if not xs:
+            continue
+        bars = ax.bar(xs, heights, width, label=f"okdfast {metric}", alpha=0.85)
+        spread = [(x, h, e) for x, h, e, n in zip(xs, heights, errors, counts) if n > 1]  # one seed: no std to show
+        if spread:
+            ax.errorbar(*zip(*[(x, h) for x, h, _ in spread]), yerr=[e for *_, e in spread], fmt="none",
+                        ecolor="black", capsize=3)  # fmt: skip
+        for bar, count in zip(bars, counts):
+            ax.annotate(
+                f"n={count}",
+                (bar.get_x() + bar.get_width() / 2, 0),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="white",
+            )
+    first = True
+    for g, key in enumerate(groups):
+        for m, metric in enumerate(metrics):
+            value = (references or {}).get(key, {}).get(metric)
+            if value is not None:
+                ax.plot(
+                    [g + (m - 0.5) * width],
+                    [value],
+                    marker="_",
+                    markersize=18,
+                    markeredgewidth=2.5,
+                    color="black",
+                    linestyle="none",
+                    label="paper / reference" if first else None,
+                    gid="reference",
+                )
+                first = False
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set(ylabel="top-1 error (%), last epoch", title="Method comparison: mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_run(run: RunData, out: Path | None = None) -> list[Path]:
+    """accuracy.png, losses.png, diversity.png (when the run has K > 1) into ``out`` (default RUN_DIR/plots)."""
+    out = out or run.run_dir / "plots"
+    paths = [_save(accuracy_figure(run), out / "accuracy.png"), _save(loss_figure(run), out / "losses.png")]
+    if any("diversity_kl" in row for row in run.rows):
+        paths.append(_save(diversity_figure(run), out / "diversity.png"))
+    return paths
+
+
+def plot_runs(
+    run_dirs: list[str | os.PathLike],
+    out: Path | None = None,
+    *,
+    include_unfinished: bool = False,
+    references: dict[str, dict[str, float]] | None = None,
+) -> dict[str, list[Path]]:
+    """Every run's figures, plus comparison.png in ``out`` when there are several runs. Returns the paths by run
+    folder (and 'comparison')."""
+    runs = [load_run(d) for d in run_dirs]
+    written: dict[str, list[Path]] = {str(run.run_dir): plot_run(run) for run in runs if run.rows}
+    compared = [run for run in runs if include_unfinished or run.finished]
+    if len(runs) > 1 and compared:
+        if out is None:
+            out = Path(os.path.commonpath([str(run.run_dir.resolve()) for run in runs])) / "plots"
+        groups = comparison_groups(compared)
+        if groups:
+            written["comparison"] = [_save(comparison_figure(groups, references), out / "comparison.png")]
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[Path]]:
+    parser = argparse.ArgumentParser(prog="python -m okdfast.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run folders written by okdfast.train")
+    parser.add_argument("--out", default=None, help="folder of comparison.png (default: common parent + /plots)")
+    parser.add_argument(
+        "--include-unfinished", action="store_true", help="compare unfinished runs too (their last logged epoch)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        written = plot_runs(
+            args.run_dirs, Path(args.out) if args.out else None, include_unfinished=args.include_unfinished
+        )
+    except ImportError as error:
+        parser.exit(1, f"{error}\n")
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    for paths in written.values():
+        for path in paths:
+            print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from okdfast.reproduce.cli import main
+
+sys.exit(main())

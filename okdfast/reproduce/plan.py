@@ -1,0 +1,152 @@
+"""The runs of one table: which (method, arch, seed), in which order, with which train command, and how far each is.
+
+Order: seed-major (every cell's seed 0, then every cell's seed 1, ...), cells in the table's order. A run stopped
+early (time budget, signal) therefore leaves the most informative results: one seed of every method before the
+second seed of any.
+
+Each run is ``python -m okdfast.train`` with: the schedule's values, then the table's, then the user's extra train
+flags, then the run's own (method, arch, dataset, seed, out, ``--resume auto``). Status comes from the run folder:
+``finished`` (summary.json says so), ``partial`` (a last.pt to resume from) or ``new``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from okdfast.config import TrainConfig, build_parser, parse_config
+from okdfast.reproduce.tables import Catalog, Schedule, Table
+
+# Flags the runner sets per run; extra train flags may not set them.
+MANAGED = ("method", "arch", "dataset", "seed", "out", "resume")
+# Config values a run folder must share with the plan to count as the same run (else: refuse, name the field).
+IDENTITY = ("method", "arch", "dataset", "seed", "epochs", "lr_schedule", "batch_size", "subset", "lr", "branches")
+
+
+@dataclass
+class PlannedRun:
+    index: int  # position in the plan (1-based, the execution order)
+    method: str
+    arch: str
+    seed: int
+    run_dir: Path
+    argv: list[str]  # the okdfast.train arguments
+    config: TrainConfig  # what those arguments parse to
+    status: str = "new"  # new | partial | finished
+    epochs_done: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "okdfast.train", *self.argv]
+
+    def refresh(self) -> PlannedRun:
+        """Re-read the status from the run folder."""
+        self.status, self.epochs_done = run_status(self.run_dir, self.config)
+        return self
+
+
+def values_to_argv(values: dict[str, Any]) -> list[str]:
+    """TrainConfig values -> CLI flags (``{'lr_schedule': 'cosine', 'nesterov': False}`` -> ``--lr-schedule
+    cosine --no-nesterov``)."""
+    argv: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def check_extra_args(extra: list[str]) -> None:
+    """Extra train flags must parse and must not set what the runner sets per run."""
+    parser = build_parser()
+    try:
+        namespace = parser.parse_args(extra)
+    except SystemExit as error:
+        raise ValueError(f"extra train arguments {extra}: not valid okdfast.train flags") from error
+    defaults = parser.parse_args([])
+    clashing = [name for name in MANAGED if getattr(namespace, name) != getattr(defaults, name)]
+    if clashing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
+        raise ValueError(f"{flags}: set by the runner for every run; use --methods/--archs/--seeds/--out instead")
+
+
+def run_status(run_dir: Path, config: TrainConfig) -> tuple[str, int]:
+    """('finished' | 'partial' | 'new', epochs done). Raises when the folder holds a different run."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file() and ((run_dir / "last.pt").is_file() or (run_dir / "summary.json").is_file()):
+        stored = yaml.safe_load(config_file.read_text()) or {}
+        planned = config.to_dict()
+        if planned.get("branches") is None:
+            planned["branches"] = stored.get("branches")  # the run resolved the method's default K
+        differ = [k for k in IDENTITY if k in stored and stored[k] != planned.get(k)]
+        if differ:
+            detail = ", ".join(f"{k}: folder {stored[k]!r} vs plan {planned.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"run folder {run_dir} holds another run ({detail}): pass another --out, or remove the folder"
+            )
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if summary.get("finished") and summary.get("epochs_done", -1) >= config.epochs:
+        return "finished", int(summary["epochs_done"])
+    if (run_dir / "last.pt").is_file():
+        return "partial", _epochs_done(run_dir, summary)
+    return "new", 0
+
+
+def _epochs_done(run_dir: Path, summary: dict[str, Any]) -> int:
+    if "epochs_done" in summary:
+        return int(summary["epochs_done"])
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return len({row["epoch"] for row in rows if not row.get("partial")})
+
+
+def build_plan(
+    catalog: Catalog,
+    table: Table,
+    schedule: Schedule,
+    *,
+    seeds: list[int],
+    out: Path,
+    extra_args: list[str] | None = None,
+    methods: list[str] | None = None,
+    archs: list[str] | None = None,
+) -> list[PlannedRun]:
+    """Every run of the table (restricted to ``methods`` / ``archs`` when given), seed-major, with its status."""
+    extra_args = list(extra_args or [])
+    check_extra_args(extra_args)
+    for kind, wanted, grid in (("methods", methods, table.methods), ("archs", archs, table.archs)):
+        unknown = sorted(set(wanted or []) - set(grid))
+        if unknown:
+            raise ValueError(f"--{kind} {','.join(unknown)}: not in table {table.name} ({', '.join(grid)})")
+    cells = [c for c in table.cells if (methods is None or c.method in methods) and (archs is None or c.arch in archs)]
+    common = values_to_argv(schedule.train) + values_to_argv(table.train) + extra_args
+    runs: list[PlannedRun] = []
+    for seed in seeds:
+        for cell in cells:
+            run_dir = out / f"{cell.method}_{cell.arch}_{table.dataset}_s{seed}"
+            own = ["--method", cell.method, "--arch", cell.arch, "--dataset", table.dataset, "--seed", str(seed)]
+            own += ["--out", str(run_dir), "--resume", "auto"]
+            argv = common + own
+            if "--progress" not in argv:
+                argv += ["--progress", "off"]  # logs, not a progress bar, when stdout goes to a file
+            config, _ = parse_config(argv)
+            runs.append(PlannedRun(len(runs) + 1, cell.method, cell.arch, seed, run_dir, argv, config).refresh())
+    return runs

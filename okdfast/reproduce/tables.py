@@ -1,0 +1,162 @@
+"""The paper's tables as data: ``okdfast/paper_tables.yaml`` -> :class:`Catalog` of tables, schedules and sources.
+
+A table is a grid (methods x architectures on one data set) with, per cell, the reference numbers METHOD.md gives
+and the source each comes from. A cell without one says why ("not in METHOD.md"). Nothing here runs anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_FILE = Path(__file__).resolve().parents[1] / "paper_tables.yaml"
+NOT_IN_METHOD = "not in METHOD.md"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference number of a cell (top-1 error %): branch mean and/or ensemble, or an unlabelled value."""
+
+    source: str  # key into the catalog's sources
+    cite: str  # the source written out
+    branch_mean: float | None = None
+    ensemble: float | None = None
+    value: float | None = None  # METHOD.md does not say whether branch mean or ensemble
+    std: float | None = None
+
+    def text(self) -> str:
+        """'25.74 (24.03)', '28.91', '25.65 ± 0.15' — as the papers write it."""
+        main = self.branch_mean if self.branch_mean is not None else self.value
+        out = "—" if main is None else f"{main:.2f}"
+        if self.std is not None:
+            out += f" ± {self.std:.2f}"
+        if self.ensemble is not None:
+            out += f" ({self.ensemble:.2f})"
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    arch: str
+    references: tuple[Reference, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{self.arch}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    description: str
+    train: dict[str, Any]  # TrainConfig values
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    dataset: str
+    methods: list[str]
+    archs: list[str]
+    cells: list[Cell]  # arch-major, methods in the table's order (the papers' layout)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig values that override the schedule's
+    notes: list[str] = field(default_factory=list)
+    no_paper: str = NOT_IN_METHOD  # what an empty paper cell says
+    test_only: bool = False
+
+    def cell(self, method: str, arch: str) -> Cell:
+        for cell in self.cells:
+            if (cell.method, cell.arch) == (method, arch):
+                return cell
+        raise KeyError(f"{method}/{arch} is not a cell of table {self.name}")
+
+
+@dataclass
+class Catalog:
+    tables: dict[str, Table]
+    schedules: dict[str, Schedule]
+    sources: dict[str, str]  # key -> citation
+    labels: dict[str, dict[str, str]]  # 'methods' | 'archs' | 'datasets' -> name -> label
+    datasets: dict[str, dict[str, int]]  # name -> train_images, test_images, num_classes
+    path: Path
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            raise KeyError(f"--table {name}: unknown table; choose one of {', '.join(self.tables)}")
+        return self.tables[name]
+
+    def schedule(self, name: str) -> Schedule:
+        if name not in self.schedules:
+            raise KeyError(f"--schedule {name}: unknown schedule; choose one of {', '.join(self.schedules)}")
+        return self.schedules[name]
+
+    def label(self, kind: str, name: str) -> str:
+        return self.labels.get(kind, {}).get(name, name)
+
+
+def _float_or_none(entry: dict[str, Any], key: str) -> float | None:
+    return float(entry[key]) if entry.get(key) is not None else None
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Read and check the data file: every paper key is a cell of its grid and every source is defined."""
+    path = Path(path) if path is not None else DATA_FILE
+    data = yaml.safe_load(path.read_text())
+    sources = {key: value["cite"] for key, value in data.get("sources", {}).items()}
+    schedules = {
+        name: Schedule(name, " ".join(str(s["description"]).split()), dict(s.get("train", {})))
+        for name, s in data["schedules"].items()
+    }
+    tables: dict[str, Table] = {}
+    for name, t in data["tables"].items():
+        table_sources = sources | {key: value["cite"] for key, value in t.get("sources", {}).items()}
+        paper = t.get("paper") or {}
+        grid = {f"{m}/{a}" for a in t["archs"] for m in t["methods"]}
+        unknown = sorted(set(paper) - grid)
+        if unknown:
+            raise ValueError(f"{path}: table {name}: paper numbers for {unknown}, which are not cells of its grid")
+        cells = []
+        for arch in t["archs"]:
+            for method in t["methods"]:
+                refs = []
+                for entry in paper.get(f"{method}/{arch}", []):
+                    if entry["source"] not in table_sources:
+                        raise ValueError(f"{path}: table {name}: unknown source {entry['source']!r}")
+                    refs.append(
+                        Reference(
+                            source=entry["source"],
+                            cite=table_sources[entry["source"]],
+                            branch_mean=_float_or_none(entry, "branch_mean"),
+                            ensemble=_float_or_none(entry, "ensemble"),
+                            value=_float_or_none(entry, "value"),
+                            std=_float_or_none(entry, "std"),
+                        )
+                    )
+                cells.append(Cell(method, arch, tuple(refs)))
+        tables[name] = Table(
+            name=name,
+            title=t.get("title", name),
+            dataset=t["dataset"],
+            methods=list(t["methods"]),
+            archs=list(t["archs"]),
+            cells=cells,
+            train=dict(t.get("train", {})),
+            notes=[" ".join(str(n).split()) for n in t.get("notes", [])],
+            no_paper=t.get("no_paper", NOT_IN_METHOD),
+            test_only=bool(t.get("test_only", False)),
+        )
+        for key in t.get("sources", {}):
+            sources.setdefault(key, table_sources[key])
+    return Catalog(
+        tables=tables,
+        schedules=schedules,
+        sources=sources,
+        labels={kind: dict(values) for kind, values in data.get("labels", {}).items()},
+        datasets={name: dict(values) for name, values in data.get("datasets", {}).items()},
+        path=path,
+    )
