@@ -17,6 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=_okdfast_packages + ["okdfast.kernels"],
     package_dir={"okdfast.kernels": "kernels"},
+    package_data={"okdfast": ["paper_tables.yaml"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

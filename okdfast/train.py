@@ -498,7 +498,8 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         "epochs_done": state.epoch,
         "global_step": state.global_step,
         "parameters": num_params,
-        "last": last_metrics,
+        # A run resumed after it had finished trains nothing: its last epoch is the logged one.
+        "last": last_metrics or (metrics_log.rows[-1] if metrics_log is not None and metrics_log.rows else {}),
         "nonfinite_skipped_steps": int(guard.skipped_steps),
     }
     if dist_info.enabled:

@@ -221,3 +221,10 @@ def test_real_cifar10_subset_learns(tmp_path):
     )
     # 300 steps of ResNet-8 on 6400 real images: well above the 10% of chance.
     assert summary["last"]["acc_branch_mean"] > 25.0
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tmp_path):
+    first = run(quick_config(tmp_path, method="independent", epochs=1, subset=320))
+    again = run(quick_config(tmp_path, method="independent", epochs=1, subset=320, resume="auto"))
+    assert again["finished"] and again["global_step"] == first["global_step"]
+    assert again["last"]["acc_branch_mean"] == first["last"]["acc_branch_mean"]
