@@ -6,11 +6,17 @@
 One responsibility per file: ``registry`` (names -> builders, ``load_dataset``, ``DatasetSplits``), ``locate``
 (search paths, ``DatasetNotFoundError``, network timeouts), ``stats`` (mean/std, classes), ``arrays``
 (``ArrayDataset``), ``cifar`` (pickle and ``.npz`` readers), ``cinic`` (ImageFolder reader + cache), ``synthetic``,
-``transforms`` (the batched augmentation and its torchvision reference), ``loader`` (``build_loaders``).
+``transforms`` (the batched augmentation and its torchvision reference), ``loader`` (``build_loaders``, the epoch
+plan), and the device-delivering loaders behind one factory (``factory.build_data_loaders``, ``--loader``):
+``gpu_loader``, ``dali_loader``, ``ffcv_loader``, ``torch_loader`` (the reference), ``base`` (what they all yield).
+
+    train_loader, test_loader = build_data_loaders(splits, loader="auto", device="cuda", batch_size=128)
 """
 
 from okdfast.data import cifar, cinic, synthetic  # noqa: F401  (importing them registers the built-in data sets)
 from okdfast.data.arrays import ArrayDataset
+from okdfast.data.base import Delivery, PlannedLoader
+from okdfast.data.factory import LOADERS, build_data_loaders, resolve_loader
 from okdfast.data.loader import EpochLoader, build_loaders
 from okdfast.data.locate import DatasetNotFoundError
 from okdfast.data.registry import DATASETS, DatasetSplits, list_datasets, load_dataset, register_dataset
@@ -18,15 +24,20 @@ from okdfast.data.stats import STATS, DatasetStats, dataset_stats
 
 __all__ = [
     "DATASETS",
+    "LOADERS",
     "STATS",
     "ArrayDataset",
     "DatasetNotFoundError",
     "DatasetSplits",
     "DatasetStats",
+    "Delivery",
     "EpochLoader",
+    "PlannedLoader",
+    "build_data_loaders",
     "build_loaders",
     "dataset_stats",
     "list_datasets",
     "load_dataset",
     "register_dataset",
+    "resolve_loader",
 ]

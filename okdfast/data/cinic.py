@@ -11,8 +11,10 @@ that folder is read-only, under ``~/.cache/okdfast/``); the cache records a fing
 and mtime and is rebuilt when any of them changes.
 
 Training uses ``train`` (``include_valid=True``: train + valid, the CINIC authors' larger training set); the test
-set is ``test``. CINIC-10 has no torchvision downloader: ``download=True`` fetches the official archive
-(:data:`CINIC10_URL`, ~690 MB) with urllib and extracts it to ``<dir>/cinic10/``.
+set is ``test``. When read from the folders, ``DatasetSplits.files`` lists the PNG of every row (so ``--loader
+dali`` can decode the files itself; the arrays are the same images). CINIC-10 has no torchvision downloader:
+``download=True`` fetches the official archive (:data:`CINIC10_URL`, ~690 MB) with urllib and extracts it to
+``<dir>/cinic10/``.
 """
 
 from __future__ import annotations
@@ -145,14 +147,23 @@ def _write_cache(paths: list[Path], arrays: dict[str, np.ndarray], fingerprint: 
 
 def read_cinic_folder(root: str | Path, *, use_cache: bool = True) -> tuple[dict[str, ArrayDataset], str]:
     """({split: ArrayDataset} for train, test and valid if present, where they came from)."""
+    splits, source, _ = read_cinic_folder_with_files(root, use_cache=use_cache)
+    return splits, source
+
+
+def read_cinic_folder_with_files(
+    root: str | Path, *, use_cache: bool = True
+) -> tuple[dict[str, ArrayDataset], str, dict[str, list[Path]]]:
+    """:func:`read_cinic_folder` plus ``{split: [image file of each row]}`` (the rows are decoded in this order)."""
     root = Path(root)
     classes, files, fingerprint = list_image_folder(root)
+    paths = {split: [p for p, _ in entries] for split, entries in files.items()}
     num_classes = len(classes)
     if use_cache:
         for path in cache_paths(root):
             arrays = _read_cache(path, fingerprint) if path.is_file() else None
             if arrays is not None:
-                return _to_datasets(arrays, num_classes), f"{root.absolute()} (cache {path})"
+                return _to_datasets(arrays, num_classes), f"{root.absolute()} (cache {path})", paths
     n = sum(len(v) for v in files.values())
     print(f"okdfast: decoding {n} images under {root} once (cached as .npz for the next runs)", flush=True)
     arrays = {}
@@ -160,7 +171,7 @@ def read_cinic_folder(root: str | Path, *, use_cache: bool = True) -> tuple[dict
         arrays[f"x_{split}"], arrays[f"y_{split}"] = _decode_split(entries)
     written = _write_cache(cache_paths(root), arrays, fingerprint) if use_cache else None
     where = f"cache written to {written}" if written else "not cached"
-    return _to_datasets(arrays, num_classes), f"{root.absolute()} (decoded; {where})"
+    return _to_datasets(arrays, num_classes), f"{root.absolute()} (decoded; {where})", paths
 
 
 def _to_datasets(arrays: dict[str, np.ndarray], num_classes: int) -> dict[str, ArrayDataset]:
@@ -257,10 +268,11 @@ def build_cinic10(
     if path is None:
         raise not_found("cinic10", tried, layouts, roots)
     stats = dataset_stats("cinic10")
+    files: dict[str, list[Path]] | None = None
     if path.is_file():
         splits, source = read_npz(path, stats.num_classes), f"{path.absolute()} (npz)"
     else:
-        splits, source = read_cinic_folder(path)
+        splits, source, files = read_cinic_folder_with_files(path)
     if any(d.num_classes != stats.num_classes for d in splits.values()):
         raise ValueError(f"{path}: expected {stats.num_classes} classes, found {splits['train'].num_classes}")
     train = splits["train"]
@@ -272,4 +284,9 @@ def build_cinic10(
             np.concatenate([train.images, valid.images]), np.concatenate([train.labels, valid.labels]), 10
         )
         source += " train+valid"
-    return DatasetSplits(train, splits["test"], stats.num_classes, stats.mean, stats.std, "cinic10", source)
+        if files is not None:
+            files = {"train": files["train"] + files["valid"], "test": files["test"]}
+    if files is not None:
+        files = {"train": files["train"], "test": files["test"]}
+    test = splits["test"]
+    return DatasetSplits(train, test, stats.num_classes, stats.mean, stats.std, "cinic10", source, files)

@@ -13,6 +13,9 @@ draws the same permutation, pads it by repeating its head to a multiple of ``wor
 ``rank::world_size``); the test loader is sharded ``rank::world_size`` without padding, so summing correct counts
 and sizes over ranks gives the exact test accuracy.
 
+Every loader of ``okdfast.data.factory`` (gpu, dali, ffcv, torch) follows the plans :func:`build_plans` makes, so
+they all yield the batches of this reference; :func:`build_loaders` is the torch path itself (CPU tensors).
+
 Usage::
 
     splits = load_dataset("cifar100")
@@ -222,6 +225,38 @@ def _check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name}={value!r}: must be an int >= {low}")
 
 
+def build_plans(
+    splits: DatasetSplits,
+    *,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    drop_last: bool = False,
+    distributed: tuple[int, int] | None = None,
+) -> tuple[EpochPlan, EpochPlan]:
+    """The (train, test) plans every loader follows, after checking the arguments (see :func:`build_loaders`)."""
+    _check_int("batch_size", batch_size, 1)
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    _check_int("eval_batch_size", eval_batch_size, 1)
+    _check_int("seed", seed, 0)
+    rank, world_size = distributed if distributed is not None else (0, 1)
+    _check_int("world_size", world_size, 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"distributed=({rank!r}, {world_size}): rank must be an int in [0, world_size)")
+    if len(splits.train) == 0 or len(splits.test) == 0:
+        raise ValueError(f"{splits.name}: empty split (train {len(splits.train)}, test {len(splits.test)} images)")
+    shard = {"seed": seed, "rank": rank, "world_size": world_size}
+    train_plan = EpochPlan(len(splits.train), batch_size, shuffle=True, augment=augment, drop_last=drop_last, **shard)
+    test_plan = EpochPlan(len(splits.test), eval_batch_size, shuffle=False, augment=False, pad=False, **shard)
+    if len(train_plan) == 0:
+        raise ValueError(
+            f"batch_size={batch_size} with drop_last=True leaves no batch of the {train_plan.num_samples} training "
+            f"images per rank; lower batch_size or set drop_last=False"
+        )
+    return train_plan, test_plan
+
+
 def build_loaders(
     splits: DatasetSplits,
     *,
@@ -239,27 +274,18 @@ def build_loaders(
     eval_batch_size: test batch size (default ``batch_size``). drop_last: drop the last incomplete training batch.
     pin_memory: default ``torch.cuda.is_available()``. distributed: ``(rank, world_size)``, see the module docstring.
     """
-    _check_int("batch_size", batch_size, 1)
-    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-    _check_int("eval_batch_size", eval_batch_size, 1)
     _check_int("num_workers", num_workers, 0)
-    _check_int("seed", seed, 0)
-    rank, world_size = distributed if distributed is not None else (0, 1)
-    _check_int("world_size", world_size, 1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"distributed=({rank!r}, {world_size}): rank must be an int in [0, world_size)")
-    if len(splits.train) == 0 or len(splits.test) == 0:
-        raise ValueError(f"{splits.name}: empty split (train {len(splits.train)}, test {len(splits.test)} images)")
+    train_plan, test_plan = build_plans(
+        splits,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
+        augment=augment,
+        drop_last=drop_last,
+        distributed=distributed,
+    )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    shard = {"seed": seed, "rank": rank, "world_size": world_size}
-    train_plan = EpochPlan(len(splits.train), batch_size, shuffle=True, augment=augment, drop_last=drop_last, **shard)
-    test_plan = EpochPlan(len(splits.test), eval_batch_size, shuffle=False, augment=False, pad=False, **shard)
-    if len(train_plan) == 0:
-        raise ValueError(
-            f"batch_size={batch_size} with drop_last=True leaves no batch of the {train_plan.num_samples} training "
-            f"images per rank; lower batch_size or set drop_last=False"
-        )
     options = {"num_workers": num_workers, "pin_memory": pin_memory}
     return (
         EpochLoader(splits.train, train_plan, splits.mean, splits.std, **options),

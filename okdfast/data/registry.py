@@ -30,6 +30,9 @@ class DatasetSplits:
     std: RGB
     name: str  # the registered name, e.g. "cifar100"
     source: str  # human-readable origin: a path, or "synthetic(seed=...)"
+    # The image file of every row, per split ("train", "test"), when the data set was read from an image folder
+    # (CINIC-10): lets a loader decode the files itself (--loader dali). None for arrays and subsets.
+    files: dict[str, list[Path]] | None = None
 
     def subset(self, n: int, seed: int = 0) -> DatasetSplits:
         """``n`` training and ``max(1, n // 5)`` test images (capped at the test set), class-stratified, seeded.
@@ -46,6 +49,7 @@ class DatasetSplits:
             train=self.train.subset(n, seed),
             test=self.test.subset(n_test, seed + 1),
             source=f"{self.source} [subset train={n} test={n_test} seed={seed}]",
+            files=None,
         )
 
 

@@ -55,7 +55,7 @@ def crop_flip(
     b = index.shape[0]
     # 1. Vertical crop: gather whole source rows (W*C bytes each, moved as int64 words when the layout allows),
     #    then zero the rows that fall in the padding. (B, H, W*C)
-    rows = torch.arange(h)[None, :] + (top[:, None] - padding)  # (B, H) source row of each output row
+    rows = torch.arange(h, device=images.device)[None, :] + (top[:, None] - padding)  # (B, H) source row
     row_inside = ((rows >= 0) & (rows < h))[:, :, None]
     rows = rows.clamp(0, h - 1)
     flat = images.reshape(n, h, w * c)
@@ -68,7 +68,7 @@ def crop_flip(
     canvas[..., padding : padding + w] = x.view(b, h, w, c).permute(0, 3, 1, 2)
     # 3. Horizontal crop and flip in one gather along W: output column j reads canvas column left + j (no flip)
     #    or left + W-1-j (flip), torchvision's crop-then-flip.
-    ar = torch.arange(w)[None, :]
+    ar = torch.arange(w, device=images.device)[None, :]
     cols = torch.where(flip[:, None], (w - 1) - ar, ar) + left[:, None]  # (B, W)
     return torch.gather(canvas, 3, cols[:, None, None, :].expand(b, c, h, w))
 
@@ -83,6 +83,42 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return x.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
+
+
+def normalize_lut(
+    mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
+    """(C, 256) ``dtype``: ``lut[c, v]`` is :func:`normalize` of the byte ``v`` in channel ``c``, cast to ``dtype``.
+
+    A uint8 pixel has 256 values, so normalising is a table lookup; the table is computed on the CPU with the very
+    ops of :func:`normalize`, which is what lets the fused kernel (``okdfast.kernels.augment``) match it bit for bit
+    without doing any float arithmetic of its own (no FMA contraction can change a rounding).
+    """
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, len(mean), 1, 256)
+    return normalize(values, mean, std).reshape(len(mean), 256).to(dtype).to(device or "cpu")
+
+
+def crop_flip_normalize(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    top: torch.Tensor | None,
+    left: torch.Tensor | None,
+    flip: torch.Tensor | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    padding: int = PADDING,
+) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> ``dtype`` (B, C, H, W) normalised, channels-last strides when asked; ``top is None``:
+    no crop/flip (the test split). The PyTorch reference (and CPU path) of ``okdfast.kernels.augment``, same signature.
+    """
+    x = gather(images, index) if top is None else crop_flip(images, index, top, left, flip, padding)
+    x = normalize(x, mean, std)
+    if dtype != torch.float32:
+        x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ---------------------------------------------------------------------------------------------------------------

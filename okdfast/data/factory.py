@@ -1,0 +1,188 @@
+"""One factory and one flag for every loader: ``--loader {auto,gpu,dali,ffcv,torch}``.
+
+    train_loader, test_loader = build_data_loaders(splits, loader="auto", device=device, batch_size=128,
+                                                   channels_last=True, distributed=(rank, world_size))
+    for epoch in range(start, epochs):
+        train_loader.set_epoch(epoch)
+        for images, labels in train_loader:  # on `device`, normalised, augmented, in the model's layout and dtype
+            ...
+
+Every loader yields the same thing (``okdfast.data.base``) and follows the same
+:class:`~okdfast.data.loader.EpochPlan`: a fresh permutation per epoch, a pure function of ``(seed, epoch)``;
+the exact epoch length (``drop_last`` as asked for training, never for evaluation); ``DistributedSampler``'s
+sharding under torchrun.
+
+- ``gpu`` (:mod:`okdfast.data.gpu_loader`): the uint8 data set resident on the device, one fused Triton launch per
+  batch. The fastest where the data fits (airbench's approach).
+- ``dali`` (:mod:`okdfast.data.dali_loader`): an NVIDIA DALI pipeline (GPU operators on CUDA, CPU-only otherwise).
+- ``ffcv`` (:mod:`okdfast.data.ffcv_loader`): an FFCV ``.beton`` per data set and split, FFCV's Loader.
+- ``torch`` (:mod:`okdfast.data.torch_loader`): the reference, a DataLoader with worker processes.
+- ``auto``: on CUDA, ``gpu`` when the data set fits (:func:`~okdfast.data.gpu_loader.fits_on_device`), else ``dali``
+  when installed, else ``torch``; on the CPU, :data:`CPU_AUTO`. The choice and its reason are printed.
+
+:data:`CPU_AUTO` is ``gpu`` (the same loader on CPU tensors: the batch preparation runs in the main process, no
+worker processes), measured on the shared 2-core development machine (``benchmarks/results/``, load average in
+every row):
+
+- loaders alone (``loader.csv``, batch 128, 1 intra-op thread, load ~2): gpu-on-CPU 94-129k img/s, 1.8-2.5x the
+  torch loader with 2 workers (43-52k); dali 1.8-2.2x, ffcv 1.8-2.0x;
+- training (``loader_train.csv``: mde, resnet8, synthetic, batch 64, 2 intra-op threads, loaders interleaved):
+  gpu-on-CPU 419-916 img/s (median of 7 runs ~820), torch 63-819 (median of 6 ~450), the same accuracy to the
+  last digit (the same batches). A step costs ~1000x a batch's preparation, so the loaders differ in what else
+  competes for the 2 cores: the torch loader adds two worker processes to the training's two threads, and when
+  other jobs load the machine its runs collapsed (63 and 88 img/s) where the gpu loader's stayed above 400.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from okdfast.data.base import Delivery, PlannedLoader
+from okdfast.data.loader import EpochLoader, build_plans
+from okdfast.data.registry import DatasetSplits
+
+LOADERS = ("auto", "gpu", "dali", "ffcv", "torch")
+CPU_AUTO = "gpu"
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def install_hint(name: str) -> str | None:
+    """What to install (one line) when the optional package of loader ``name`` is missing, else None."""
+    if name == "dali" and not _present("nvidia.dali"):
+        from okdfast.data.dali_loader import INSTALL_HINT
+
+        return INSTALL_HINT
+    if name == "ffcv" and not (_present("ffcv") and _present("numba")):
+        from okdfast.data.ffcv_loader import INSTALL_HINT
+
+        return INSTALL_HINT
+    return None
+
+
+def resolve_loader(name: str, splits: DatasetSplits, device: torch.device) -> tuple[str, str]:
+    """(loader, why): ``auto`` resolved for this data set and device; other names checked and returned as they are."""
+    if name not in LOADERS:
+        raise ValueError(f"--loader {name}: choose one of {', '.join(LOADERS)}")
+    if name != "auto":
+        hint = install_hint(name)
+        if hint is not None:
+            raise ImportError(f"--loader {name} {hint}")
+        return name, "asked for"
+    from okdfast.data.gpu_loader import device_bytes, fits_on_device
+
+    mib = device_bytes(splits) / 2**20
+    if device.type == "cuda":
+        if fits_on_device(splits, device):
+            return "gpu", f"the data set ({mib:.0f} MiB as uint8) fits on {device}"
+        if install_hint("dali") is None:
+            return "dali", f"the data set ({mib:.0f} MiB) is too big for {device}'s memory; DALI is installed"
+        return "torch", f"the data set ({mib:.0f} MiB) is too big for {device}'s memory and DALI is not installed"
+    return CPU_AUTO, f"on {device.type}: the data set stays in memory, no worker processes (measured fastest)"
+
+
+def build_data_loaders(
+    splits: DatasetSplits,
+    *,
+    loader: str = "auto",
+    device: torch.device | str = "cpu",
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    num_workers: int = 2,
+    seed: int = 0,
+    augment: bool = True,
+    drop_last: bool = False,
+    distributed: tuple[int, int] | None = None,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dali_files: bool | None = None,
+    ffcv_native_augment: bool = False,
+    verbose: bool = True,
+) -> tuple[PlannedLoader, PlannedLoader]:
+    """(train loader: shuffled, augmented; test loader: in order, normalised only), both delivering on ``device``.
+
+    loader: ``auto`` | ``gpu`` | ``dali`` | ``ffcv`` | ``torch`` (module docstring). num_workers: the torch loader's
+    worker processes, DALI's CPU threads, FFCV's numba threads (the gpu loader needs none). distributed:
+    ``(rank, world_size)``. channels_last, dtype: what the model takes. data_dir / cache_dir: where the ffcv
+    ``.beton`` files go (cache_dir wins; default next to the data). dali_files: decode the image files with DALI
+    (default: when ``splits.files`` lists them, i.e. CINIC-10 read from its folders). ffcv_native_augment: FFCV's
+    own unseeded flip/translate (not reproducible). verbose: print the choice of ``auto`` and cache writes.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers={num_workers!r}: must be an int >= 0")
+    name, why = resolve_loader(loader, splits, device)
+    if verbose and loader == "auto":
+        print(f"okdfast: --loader auto -> {name} ({why})", flush=True)
+    train_plan, test_plan = build_plans(
+        splits,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
+        augment=augment,
+        drop_last=drop_last,
+        distributed=distributed,
+    )
+    delivery = Delivery(device, channels_last, dtype)
+    pairs = ((splits.train, train_plan, "train"), (splits.test, test_plan, "test"))
+    mean, std = splits.mean, splits.std
+
+    if name == "torch":
+        from okdfast.data.torch_loader import TorchLoader
+
+        options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+        train, test = (TorchLoader(EpochLoader(ds, plan, mean, std, **options), delivery) for ds, plan, _ in pairs)
+        return train, test
+    if name == "gpu":
+        from okdfast.data.gpu_loader import GpuLoader
+
+        train, test = (GpuLoader(ds, plan, mean, std, delivery) for ds, plan, _ in pairs)
+        return train, test
+    if name == "dali":
+        from okdfast.data.dali_loader import DaliLoader
+
+        use_files = splits.files is not None if dali_files is None else dali_files
+        if use_files and splits.files is None:
+            raise ValueError(f"dali_files=True: {splits.name} was not read from image files ({splits.source})")
+        threads = max(1, num_workers)
+        train, test = (
+            DaliLoader(ds, plan, mean, std, delivery, num_threads=threads, files=_files(splits, split, use_files))
+            for ds, plan, split in pairs
+        )
+        return train, test
+    if name == "ffcv":
+        from okdfast.data.ffcv_loader import FfcvLoader, default_cache_dir, ensure_beton
+
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_dir)
+        loaders = []
+        for ds, plan, split in pairs:
+            beton = ensure_beton(ds, splits.name, split, folder)
+            native = ffcv_native_augment and split == "train"
+            loaders.append(
+                FfcvLoader(
+                    beton, len(ds), plan, mean, std, delivery, num_workers=max(1, num_workers), native_augment=native
+                )
+            )
+        return loaders[0], loaders[1]
+    raise AssertionError(name)
+
+
+def _files(splits: DatasetSplits, split: str, use: bool) -> Iterable[Path] | None:
+    return splits.files[split] if use and splits.files is not None else None
