@@ -21,9 +21,7 @@ On the CPU the loader works on CPU tensors with the PyTorch path of the same aug
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 
 import torch
 
@@ -32,29 +30,17 @@ from okdfast.data.base import Delivery, PlannedLoader
 from okdfast.data.loader import EpochPlan
 from okdfast.data.registry import DatasetSplits
 from okdfast.data.transforms import PADDING, crop_flip_normalize, normalize_lut
+from okdfast.ops.dispatch import triton_runs_on
 
 # Share of the device's total memory the data set may take for --loader auto to choose gpu (the model, its
 # activations and the optimizer state need the rest).
 DEVICE_MEMORY_SHARE = 0.25
 
 
-@lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_triton(device: torch.device) -> bool:
     """CUDA -> the fused Triton kernel; CPU -> PyTorch, unless OKDFAST_FORCE_TRITON=1 and TRITON_INTERPRET=1 (the
-    test path: the same kernel in Triton's CPU interpreter)."""
-    if not triton_available():
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("OKDFAST_FORCE_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+    test path: the same kernel in Triton's CPU interpreter). The rule of every okdfast op (ops.dispatch)."""
+    return triton_runs_on(device)
 
 
 class Augmenter:

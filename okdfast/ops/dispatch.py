@@ -19,20 +19,20 @@ wrong second derivatives: these ops are once-differentiable; use ``okdfast.ops.r
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+# Looked up once, without importing triton (importing it early would freeze TRITON_INTERPRET); a plain constant so
+# that torch.compile traces ``triton_available`` without caching wrappers in the way.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-@lru_cache(maxsize=1)
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``triton`` is installed (the kernels need it on any device)."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_requested() -> bool:
