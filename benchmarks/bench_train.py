@@ -119,6 +119,7 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
         weight_decay=5e-4,
         implementation="auto",
         device=device,
+        lr_as_tensor=features.cuda_graphs,
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     step = TrainStep(

@@ -176,8 +176,20 @@ _HELP = {
     "max_steps": "stop after this many optimizer steps (for smoke tests and benchmarks)",
     "lr_schedule": "step: multiply lr by --lr-gamma at --milestones (the paper); cosine: anneal to 0 over --epochs",
     "tensorboard": "also write TensorBoard scalars (every metric, loss term, lr, images/s) to RUN_DIR/tensorboard",
+    "fused_loss": "the online-KD / CD losses: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off "
+    "(the reference in plain PyTorch)",
+    "optimizer_impl": "SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | for-loop",
+    "nan_check_every": "optimizer steps between host-side checks of the non-finite-loss guard (each check syncs)",
     "fused_ffm": "MDE's FFM attention: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off (eager)",
 }
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help text does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def _flag(name: str) -> str:
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m okdfast.train",
         description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of config values (flags override it)")
     parser.add_argument("--list-archs", action="store_true", help="print the registered architectures and exit")

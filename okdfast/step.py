@@ -91,10 +91,13 @@ def build_optimizer(
     weight_decay: float,
     implementation: str,
     device: torch.device,
+    lr_as_tensor: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD with the fused CUDA kernel ('fused'), multi-tensor ops ('foreach') or the per-parameter loop.
 
     'auto': fused on CUDA, foreach elsewhere. Weight decay applies to every parameter, as in the OKDDip code.
+    ``lr_as_tensor``: the learning rate as a 0-dim tensor on ``device`` (for --cuda-graphs: the compiled, graphed
+    optimizer step then reads the lr the scheduler writes in place, instead of recompiling at every new value).
     """
     if implementation == "auto":
         implementation = "fused" if device.type == "cuda" else "foreach"
@@ -104,5 +107,10 @@ def build_optimizer(
         "for-loop": {"foreach": False},
     }[implementation]
     return torch.optim.SGD(
-        parameters, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay, **options
+        parameters,
+        lr=torch.tensor(float(lr), device=device) if lr_as_tensor else lr,
+        momentum=momentum,
+        nesterov=nesterov and momentum > 0,
+        weight_decay=weight_decay,
+        **options,
     )

@@ -368,6 +368,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         weight_decay=config.weight_decay,
         implementation=config.optimizer_impl,
         device=device,
+        lr_as_tensor=config.cuda_graphs,
     )
     scheduler: torch.optim.lr_scheduler.LRScheduler = (  # stepped once per epoch
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
@@ -427,7 +428,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             epoch = state.epoch
             train_loader.set_epoch(epoch)
             kd_scale = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])
             sums, images, seconds, interrupted = train_one_epoch(
                 step,
                 train_loader,

@@ -102,11 +102,11 @@ class CellResult:
         return next((r.head_key for r in self.finished if r.head_key), None)
 
     def status(self) -> str:
-        """'finished', or what is missing: 'not run', 's0 at epoch 12/30, s1 not started'."""
+        """'finished', or what is missing: 's0 at epoch 12/30, s1 not started'."""
         if self.planned and len(self.finished) == len(self.planned):
             return "finished"
         if all(run.status == "new" for run in self.planned):
-            return f"not run (0 of {len(self.planned)} seeds)"
+            return f"not yet measured (0 of {len(self.planned)} seeds run)"
         done = {r.run.index for r in self.finished}
         parts = []
         for run in self.planned:
@@ -116,7 +116,7 @@ class CellResult:
                 parts.append(f"s{run.seed} not started")
             else:
                 parts.append(f"s{run.seed} at epoch {run.epochs_done}/{run.config.epochs}")
-        return "; ".join(parts) if parts else "not run"
+        return "; ".join(parts) if parts else "not yet measured"
 
 
 def collect(table: Table, runs: list[PlannedRun]) -> list[CellResult]:
@@ -157,7 +157,7 @@ def okdfast_text(result: CellResult) -> str:
     n = len(result.finished)
     if n == 0:
         status = result.status()
-        return status if status.startswith("not run") else "not finished: " + status
+        return status if status.startswith("not yet measured") else "not finished: " + status
     mean_text = _num(*result.stats("acc_branch_mean"))
     ensemble_mean, ensemble_std = result.stats("acc_ensemble")
     if ensemble_mean is not None:
