@@ -139,12 +139,16 @@ class TrainConfig:
 
     def resolve_speed_defaults(self, device_type: str) -> TrainConfig:
         """A copy with every speed setting concrete: on CUDA channels-last, AMP (bf16, else fp16) and
-        torch.compile are on unless turned off; on the CPU they are off (measured: benchmarks/results/train.csv)."""
+        torch.compile are on unless turned off. On the CPU channels-last is on (1.24-1.27x for resnet32, 1.3x for
+        resnet8), AMP and compile are off: bf16 autocast was 1.5-1.7x on this machine's AVX512-BF16 CPU, but it
+        changes the numerics of the fp32 runs CPU users and tests compare against and is slow on CPUs without native
+        bf16 (``--amp`` turns it on); compile was 1.2x but costs ~1 minute per run start, more than short CPU runs
+        gain (``--compile``). Measured with benchmarks/bench_train.py (benchmarks/results/train.csv)."""
         on_cuda = device_type == "cuda"
         return dataclasses.replace(
             self,
             amp=self.amp if self.amp is not None else ("auto" if on_cuda else "off"),
-            channels_last=self.channels_last if self.channels_last is not None else on_cuda,
+            channels_last=self.channels_last if self.channels_last is not None else True,
             compile=self.compile if self.compile is not None else ("default" if on_cuda else "off"),
         )
 
@@ -154,7 +158,7 @@ class TrainConfig:
 
 _HELP = {
     "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
-    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; gpu (on CPU tensors) on the CPU",
+    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; torch on the CPU",
     "method": "the method to train",
     "arch": "backbone architecture",
     "branches": "number of branches K (default: the method's)",
@@ -168,7 +172,7 @@ _HELP = {
     "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto); default: auto on CUDA, off on CPU",
     "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default); "
     "default: default on CUDA, off on CPU",
-    "channels_last": "channels-last memory format (default: on CUDA)",
+    "channels_last": "channels-last memory format (default: on; --no-channels-last for NCHW)",
     "cuda_graphs": "replay the whole train step as CUDA graphs (static shapes; the last partial batch runs eagerly)",
     "sync_bn": "BatchNorm statistics over the global batch under torchrun (default: on when distributed)",
     "batch_size": "global batch size (split evenly over torchrun processes)",

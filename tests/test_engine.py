@@ -58,8 +58,10 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
     # Tolerance from measurement: on this data at initialisation fp32 itself is ill-conditioned (the fp32 gradient
     # differs from the fp64 one by 3e-3 relative: BatchNorm channels of tiny variance), and SGD at lr 0.1 amplifies
     # differences step after step. After 2 steps 2 ranks x 32 differ from 1 x 64 by 3e-3 (relative norm, worst
-    # tensor); without global-batch BatchNorm (--no-sync-bn) by 0.27. The bound sits between the two.
-    args = [*COMMON, "--method", "one", "--max-steps", "2"]
+    # tensor); without global-batch BatchNorm (--no-sync-bn) by 0.27. The bound sits between the two. NCHW: in
+    # channels-last the CPU convolutions of a 32-image and a 64-image batch round differently, measured 1.7e-2 after
+    # the same 2 steps; the test is about DDP's semantics, so it holds the layout fixed.
+    args = [*COMMON, "--method", "one", "--max-steps", "2", "--no-channels-last"]
     _train([*args, "--out", str(tmp_path / "one")])
     _train([*args, "--out", str(tmp_path / "two")], nproc=2)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -139,7 +141,7 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
 def test_speed_defaults_depend_on_the_device():
     config = TrainConfig()
     cpu, cuda = config.resolve_speed_defaults("cpu"), config.resolve_speed_defaults("cuda")
-    assert (cpu.amp, cpu.channels_last, cpu.compile) == ("off", False, "off")
+    assert (cpu.amp, cpu.channels_last, cpu.compile) == ("off", True, "off")
     assert (cuda.amp, cuda.channels_last, cuda.compile) == ("auto", True, "default")
     explicit = TrainConfig(amp="off", channels_last=False, compile="off").resolve_speed_defaults("cuda")
     assert (explicit.amp, explicit.channels_last, explicit.compile) == ("off", False, "off")

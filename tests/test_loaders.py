@@ -313,10 +313,10 @@ def test_repeat_without_set_epoch_warns_once():
 # ---------------------------------------------------------------------------------------------------------------
 def test_auto_on_cpu_picks_the_measured_choice_and_says_so(capsys):
     s = coded_splits(64)
-    assert resolve_loader("auto", s, torch.device("cpu"))[0] == CPU_AUTO == "gpu"
+    assert resolve_loader("auto", s, torch.device("cpu"))[0] == CPU_AUTO == "torch"
     train, test = build_data_loaders(s, loader="auto", batch_size=32, num_workers=0)
-    assert "--loader auto -> gpu" in capsys.readouterr().out
-    assert train.name == test.name == "gpu"
+    assert "--loader auto -> torch" in capsys.readouterr().out
+    assert train.name == test.name == "torch"
     with pytest.raises(ValueError, match="choose one of auto, gpu, dali, ffcv, torch"):
         build_data_loaders(s, loader="fast", batch_size=32)
     with pytest.raises(ValueError, match="batch_size"):
@@ -339,7 +339,7 @@ def test_a_missing_optional_package_gives_one_line(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert f"--loader {loader}" in err and words in err and "Traceback" not in err
     # auto never picks a missing package
-    assert resolve_loader("auto", coded_splits(16), torch.device("cpu"))[0] == "gpu"
+    assert resolve_loader("auto", coded_splits(16), torch.device("cpu"))[0] == CPU_AUTO == "torch"
 
 
 def test_config_loader_flag():

@@ -20,18 +20,19 @@ sharding under torchrun.
 - ``auto``: on CUDA, ``gpu`` when the data set fits (:func:`~okdfast.data.gpu_loader.fits_on_device`), else ``dali``
   when installed, else ``torch``; on the CPU, :data:`CPU_AUTO`. The choice and its reason are printed.
 
-:data:`CPU_AUTO` is ``gpu`` (the same loader on CPU tensors: the batch preparation runs in the main process, no
-worker processes), measured on the shared 2-core development machine (``benchmarks/results/``, load average in
-every row):
+:data:`CPU_AUTO` is ``torch`` (DataLoader worker processes prepare the next batches while the main process
+trains), measured on the 2-core development machine (``benchmarks/results/``, load average in every row):
 
 - loaders alone (``loader.csv``, batch 128, 1 intra-op thread, load ~2): gpu-on-CPU 94-129k img/s, 1.8-2.5x the
-  torch loader with 2 workers (43-52k); dali 1.8-2.2x, ffcv 1.8-2.0x;
+  torch loader with 2 workers (43-52k); dali 1.8-2.2x, ffcv 1.8-2.0x. Alone, the in-process loaders are faster;
 - training (``loader_train.csv``: mde, resnet8, synthetic subset 3200, 4 epochs of batch 64, 2 intra-op threads,
   quiet machine, load ~1): gpu-on-CPU 816 img/s, dali 911, ffcv 714, torch 842, all four at the same accuracy
-  (branch mean 80.4-80.6%, ensemble 81.4%: the same batches). A step costs ~1000x a batch's preparation, so on a
-  quiet machine the loaders tie within noise; ``gpu`` is the CPU default because it adds no worker processes to
-  compete with the training's threads for the cores (in earlier runs on this machine under load from other jobs,
-  not kept in the CSV, the torch loader's throughput collapsed where the gpu loader's held).
+  (branch mean 80.4-80.6%, ensemble 81.4%: the same batches);
+- end to end (``train.csv``, ``bench_train``: mde, resnet32 K=3, batch 128): the gpu loader on the CPU at 0.88x and
+  0.90x of the torch loader in two runs. A step costs ~1000x a batch's preparation, so what decides on the CPU is
+  whether the preparation overlaps the step: in the gpu loader it runs in the training process, between steps; in
+  the torch loader's workers it runs beside them. On this data the torch loader wins by 3-12%, so it is the CPU
+  choice; on CUDA the preparation is a kernel launch and the gpu loader is the choice.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from okdfast.data.loader import EpochLoader, build_plans
 from okdfast.data.registry import DatasetSplits
 
 LOADERS = ("auto", "gpu", "dali", "ffcv", "torch")
-CPU_AUTO = "gpu"
+CPU_AUTO = "torch"
 
 
 def _present(module: str) -> bool:
@@ -90,7 +91,7 @@ def resolve_loader(name: str, splits: DatasetSplits, device: torch.device) -> tu
         if install_hint("dali") is None:
             return "dali", f"the data set ({mib:.0f} MiB) is too big for {device}'s memory; DALI is installed"
         return "torch", f"the data set ({mib:.0f} MiB) is too big for {device}'s memory and DALI is not installed"
-    return CPU_AUTO, f"on {device.type}: the data set stays in memory, no worker processes (measured fastest)"
+    return CPU_AUTO, f"on {device.type}: worker processes prepare batches beside the step (measured fastest there)"
 
 
 def build_data_loaders(

@@ -15,8 +15,8 @@ ops). Determinism, mid-epoch resume and ``DistributedSampler``-equivalent shardi
 every rank holds the whole data set and reads its own shard.
 
 On the CPU the loader works on CPU tensors with the PyTorch path of the same augmentation (``crop_flip`` +
-``normalize`` in the main process, no workers); it is what ``--loader auto`` picks there (the measurement is in
-``okdfast.data.factory``).
+``normalize`` in the main process, no workers). ``--loader auto`` picks the torch loader there, whose workers
+prepare batches beside the step (the measurement is in ``okdfast.data.factory``).
 """
 
 from __future__ import annotations
