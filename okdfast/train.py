@@ -411,7 +411,8 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     log(
         f"{config.method} | {config.arch} K={mcfg.num_branches} | {splits.name} ({splits.source}: "
         f"{len(splits.train)} train / {len(splits.test)} test) | {num_params / 1e6:.3f}M params | device {device} "
-        f"| amp {amp_dtype} | run folder {run_dir}"
+        f"| amp {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'} | channels-last "
+        f"{'on' if config.channels_last else 'off'} | compile {config.compile} | run folder {run_dir}"
     )
 
     metrics_log = MetricsLog(run_dir, resume_epoch=state.epoch) if dist_info.is_main else None
