@@ -17,13 +17,12 @@ driven by the plan), unless asked for FFCV's own random flip/translate.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from okdfast.data.loader import EpochPlan
+from okdfast.data.loader import EpochPlan, FollowsPlan
 
 
 @dataclass(frozen=True)
@@ -50,52 +49,18 @@ class Delivery:
         return y if y.dtype == torch.int64 else y.to(torch.int64)
 
 
-class PlannedLoader:
-    """Base of the loaders that follow an :class:`EpochPlan`: epoch selection, lengths and the repeat warning."""
+class PlannedLoader(FollowsPlan):
+    """Base of the loaders that follow an :class:`EpochPlan` and deliver to a :class:`Delivery`."""
 
     name = "planned"
 
     def __init__(self, plan: EpochPlan, delivery: Delivery) -> None:
         self.plan = plan
         self.delivery = delivery
-        self._warned = False
-        self._last_epoch: int | None = None
-
-    @property
-    def epoch(self) -> int:
-        return self.plan.epoch
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch on this rank (before ``drop_last``)."""
-        return self.plan.num_samples
 
     @property
     def device(self) -> torch.device:
         return self.delivery.device
-
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"set_epoch: epoch={epoch!r} must be a non-negative int")
-        self.plan.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def _begin_epoch(self) -> None:
-        """Called by ``__iter__``: warns once when a shuffled epoch is replayed without ``set_epoch``."""
-        if self.plan.shuffle and self._last_epoch == self.epoch and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"this loader was already iterated with epoch {self.epoch}: it repeats that epoch's order and "
-                "augmentation; call set_epoch(epoch) before each epoch",
-                stacklevel=3,
-            )
-        self._last_epoch = self.epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

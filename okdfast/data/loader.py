@@ -155,37 +155,15 @@ def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
     return batch
 
 
-class EpochLoader:
-    """Iterable of ``(images float32 (B, 3, 32, 32) normalised, labels int64 (B,))`` on the CPU.
+class FollowsPlan:
+    """What every loader that follows an :class:`EpochPlan` shares: epoch selection, lengths, the repeat warning.
 
-    ``set_epoch(e)`` selects the shuffle and augmentation of epoch ``e`` (a pure function of ``(seed, e)``);
-    ``len(loader)`` is the number of batches.
+    Subclasses set ``self.plan`` and call :meth:`_begin_epoch` at the start of ``__iter__``.
     """
 
-    def __init__(
-        self,
-        dataset: ArrayDataset,
-        plan: EpochPlan,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ) -> None:
-        self.dataset = dataset
-        self.plan = plan
-        self._warned = False
-        self._last_epoch: int | None = None
-        self._loader = DataLoader(
-            _BatchSource(dataset, mean, std),
-            batch_size=None,  # the plan yields whole batches
-            sampler=plan,
-            collate_fn=_as_is,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,  # workers are stateless: the plan carries the epoch
-            generator=torch.Generator().manual_seed(plan.seed),  # keeps the global RNG untouched
-        )
+    plan: EpochPlan
+    _warned: bool = False
+    _last_epoch: int | None = None
 
     @property
     def epoch(self) -> int:
@@ -208,15 +186,50 @@ class EpochLoader:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _begin_epoch(self) -> None:
+        """Warns once when a shuffled epoch is replayed without ``set_epoch``."""
         if self.plan.shuffle and self._last_epoch == self.epoch and not self._warned:
             self._warned = True
             warnings.warn(
                 f"this loader was already iterated with epoch {self.epoch}: it repeats that epoch's order and "
                 "augmentation; call set_epoch(epoch) before each epoch",
-                stacklevel=2,
+                stacklevel=3,
             )
         self._last_epoch = self.epoch
+
+
+class EpochLoader(FollowsPlan):
+    """Iterable of ``(images float32 (B, 3, 32, 32) normalised, labels int64 (B,))`` on the CPU.
+
+    ``set_epoch(e)`` selects the shuffle and augmentation of epoch ``e`` (a pure function of ``(seed, e)``);
+    ``len(loader)`` is the number of batches.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        plan: EpochPlan,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.plan = plan
+        self._loader = DataLoader(
+            _BatchSource(dataset, mean, std),
+            batch_size=None,  # the plan yields whole batches
+            sampler=plan,
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,  # workers are stateless: the plan carries the epoch
+            generator=torch.Generator().manual_seed(plan.seed),  # keeps the global RNG untouched
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._begin_epoch()
         return iter(self._loader)
 
 
