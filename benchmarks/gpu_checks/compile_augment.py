@@ -12,23 +12,15 @@ Needs no CUDA device or driver. Exit status 1 on a compile error or any spill.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from okdfast.kernels import augment as k  # noqa: E402
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+from benchmarks.gpu_checks.ptx import PTXAS, registers_and_spills  # noqa: E402
 
 
 def compile_one(out_dtype: str, channels_last: bool, augment: bool, arch: int) -> dict:
@@ -43,33 +35,14 @@ def compile_one(out_dtype: str, channels_last: bool, augment: bool, arch: int) -
         "out_ptr": out_dtype,
     }
     constexprs = dict(H=32, W=32, C=3, PAD=4, AUGMENT=augment, CHANNELS_LAST=channels_last, BLOCK_SIZE=k.BLOCK)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "i64"  # the output strides
-    src = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()},
+    return registers_and_spills(
+        kernel,
+        pointers=pointers,
+        scalar_type=lambda name: "i64",  # the output strides
+        constexprs=constexprs,
+        num_warps=k.NUM_WARPS,
+        arch=arch,
     )
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": k.NUM_WARPS})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
-        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run(
-            [str(PTXAS), "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return {"registers": registers, "spill_bytes": spills}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,23 +12,18 @@ bytes). Needs no CUDA device or driver. Exit status 1 on a compile error or a sp
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from okdfast.kernels import ffm as k  # noqa: E402
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+from benchmarks.gpu_checks.ptx import PTXAS, registers_and_spills  # noqa: E402
+
 SPILL_LIMIT = 64  # bytes per thread
 FLOAT_ARGS = {"inv_hw", "inv_b", "eps", "momentum", "unbias"}
 # (D, H, W) of the last-block features, as in benchmarks/bench_ffm.py and the tests
@@ -43,33 +38,14 @@ ARCH_SHAPES = {
 
 
 def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, arch: int) -> dict:
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    src = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()},
+    return registers_and_spills(
+        kernel,
+        pointers=pointers,
+        scalar_type=lambda name: "fp32" if name in FLOAT_ARGS else "i32",
+        constexprs=constexprs,
+        num_warps=num_warps,
+        arch=arch,
     )
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
-        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run(
-            [str(PTXAS), "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return {"registers": registers, "spill_bytes": spills}
 
 
 def configs(channels: int, hw: int, branches: int, classes: int, dtype: str):

@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -31,8 +24,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from okdfast.kernels import classifier_diversity as cd_kernels  # noqa: E402
 from okdfast.kernels import online_kd as kd_kernels  # noqa: E402
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+from benchmarks.gpu_checks.ptx import PTXAS, registers_and_spills  # noqa: E402
+
 TL_DTYPES = {"fp32": tl.float32, "fp64": tl.float64}
+FLOAT_ARGS = {"temperature", "label_smoothing", "ce_weight", "kd_weight", "teacher_ce_weight", "eps"}
 SPILL_LIMIT = 64  # bytes per thread; a few bytes (ptxas' choice at <= 64 registers) cost nothing measurable
 
 
@@ -40,35 +35,15 @@ def _compile(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps:
     """Compile ``kernel`` (a JITFunction); pointers named in ``pointer_types``, other runtime args i32/fp32."""
     if not PTXAS.exists():
         return None
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
-        elif name in ("temperature", "label_smoothing", "ce_weight", "kd_weight", "teacher_ce_weight", "eps"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()},
+    report = registers_and_spills(
+        kernel,
+        pointers=pointer_types,
+        scalar_type=lambda name: "fp32" if name in FLOAT_ARGS else "i32",
+        constexprs=constexprs,
+        num_warps=num_warps,
+        arch=arch,
     )
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
-        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run(
-            [str(PTXAS), "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return {"registers": registers, "spill_bytes": spills, "num_warps": num_warps}
+    return report | {"num_warps": num_warps}
 
 
 def compile_online_kd(
