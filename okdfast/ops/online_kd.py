@@ -227,12 +227,7 @@ def _reference_forward(
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
     )
-    total = ce_weight * rows.ce
-    if teacher_ce_weight != 0.0:
-        total = total + teacher_ce_weight * rows.teacher_ce
-    if has_kd:
-        total = total + kd_weight * rows.kd
-    loss = reduce_rows(total, rows.valid, reduction)
+    loss = reduce_rows(rows.weighted(ce_weight, teacher_ce_weight, kd_weight, with_kd=has_kd), rows.valid, reduction)
     terms = torch.stack([rows.ce, rows.teacher_ce, rows.kd], dim=1)
     terms = torch.where(rows.valid.unsqueeze(1), terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
     gz = logits.new_empty(0)

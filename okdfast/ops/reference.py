@@ -81,6 +81,18 @@ class OnlineKDRows(NamedTuple):
     kd: Tensor  # T^2 * sum_k KD_bk
     valid: Tensor  # (B,) bool
 
+    def weighted(
+        self, ce_weight: float, teacher_ce_weight: float, kd_weight: float | Tensor, *, with_kd: bool
+    ) -> Tensor:
+        """L_b = ce_weight * CE + teacher_ce_weight * teacher CE [+ kd_weight * KD when ``with_kd``], per row; a
+        zero teacher-CE weight leaves that term out of the sum rather than multiplying it by 0."""
+        total = ce_weight * self.ce
+        if teacher_ce_weight != 0.0:
+            total = total + teacher_ce_weight * self.teacher_ce
+        if with_kd:
+            total = total + kd_weight * self.kd
+        return total
+
 
 def online_kd_rows_reference(
     logits: Tensor,
@@ -158,11 +170,7 @@ def online_kd_loss_reference(
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
     )
-    total = ce_weight * rows.ce
-    if teacher_ce_weight != 0.0:
-        total = total + teacher_ce_weight * rows.teacher_ce
-    if kd_weight != 0.0:
-        total = total + kd_weight * rows.kd
+    total = rows.weighted(ce_weight, teacher_ce_weight, kd_weight, with_kd=kd_weight != 0.0)
     return reduce_rows(total, rows.valid, reduction)
 
 
