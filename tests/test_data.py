@@ -38,14 +38,7 @@ from okdfast.data.transforms import (
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The batches here are small: on a busy 2-core machine an op split over 2 threads waits for a time slice of
-    # the other core (measured 100x slower). Workers run single-threaded anyway; the main process matches them.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _splits(train: np.ndarray, labels: np.ndarray, num_classes: int = 10, name: str = "toy") -> DatasetSplits:

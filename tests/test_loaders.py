@@ -30,13 +30,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 ATOL = {"torch": 0.0, "gpu": 0.0, "ffcv": 0.0, "dali": 2e-6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Small batches on a busy 2-core machine: one thread avoids waiting for the other core's time slice.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,15 +22,7 @@ from test_loaders import (  # noqa: E402  (after the skip: nothing to import wit
 
 from okdfast.data import load_dataset  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_shapes_dtype_and_layout(tmp_path):

@@ -30,14 +30,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ffcv")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_beton_written_once_reused_and_rebuilt_when_the_source_changes(tmp_path, capsys):

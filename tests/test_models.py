@@ -22,14 +22,7 @@ HEAVY = {"wrn20_8", "wrn20_8_bottleneck", "vgg16", "vgg16_mlp"}  # > 5M paramete
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # On the 2-core CI box the 2-thread OpenMP pool intermittently spins itself into 5-15x slowdowns (this file:
-    # 25 s with one thread, 22-344 s with two); these tiny batch-2 forwards gain nothing from a second thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def n_params(module: nn.Module) -> int:
