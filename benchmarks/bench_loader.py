@@ -321,8 +321,8 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str
     from okdfast.kernels.augment import bytes_moved
 
     from benchmarks.harness import time_fn
-    from okdfast.data.gpu_loader import use_triton
     from okdfast.data.transforms import crop_flip_normalize, normalize_lut, sample_crop_flip
+    from okdfast.ops.dispatch import triton_runs_on
 
     base = machine_columns("augment", device)
     mean, std = STATS["cifar100"].mean, STATS["cifar100"].std
@@ -335,7 +335,7 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str
         top, left, flip = (t.to(device) for t in sample_crop_flip(batch, g))
         args_ = (images, index, top, left, flip)
         impls = {"torch": partial(crop_flip_normalize, *args_, mean, std, channels_last=cl)}
-        if use_triton(device):
+        if triton_runs_on(device):
             from okdfast.kernels.augment import crop_flip_normalize as fused
 
             impls["fused"] = partial(fused, *args_, normalize_lut(mean, std, torch.float32, device), channels_last=cl)

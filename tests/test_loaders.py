@@ -351,11 +351,11 @@ def test_config_loader_flag():
 # ---------------------------------------------------------------------------------------------------------------
 _KERNEL_SCRIPT = r"""
 import torch
-from okdfast.data.gpu_loader import use_triton
+from okdfast.ops.dispatch import triton_runs_on
 from okdfast.data.transforms import crop_flip_normalize as reference, normalize_lut, sample_crop_flip
 from okdfast.kernels.augment import crop_flip_normalize as fused
 
-assert use_triton(torch.device("cpu"))
+assert triton_runs_on(torch.device("cpu"))
 mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 g = torch.Generator().manual_seed(0)
 for (n, h, w, c), b in (((50, 32, 32, 3), 37), ((9, 20, 24, 3), 5), ((7, 32, 32, 1), 4)):

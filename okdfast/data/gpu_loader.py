@@ -37,12 +37,6 @@ from okdfast.ops.dispatch import triton_runs_on
 DEVICE_MEMORY_SHARE = 0.25
 
 
-def use_triton(device: torch.device) -> bool:
-    """CUDA -> the fused Triton kernel; CPU -> PyTorch, unless OKDFAST_FORCE_TRITON=1 and TRITON_INTERPRET=1 (the
-    test path: the same kernel in Triton's CPU interpreter). The rule of every okdfast op (ops.dispatch)."""
-    return triton_runs_on(device)
-
-
 class Augmenter:
     """Applies crop/flip/normalise to uint8 (N, H, W, C) images already on the device; the gpu and ffcv loaders'
     one implementation. ``__call__(images, index, top, left, flip)``; ``top is None``: normalise only."""
@@ -51,7 +45,7 @@ class Augmenter:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.delivery = delivery
-        self.triton = use_triton(delivery.device)
+        self.triton = triton_runs_on(delivery.device)  # CUDA; CPU only in the interpreter (ops.dispatch)
         self.lut = normalize_lut(self.mean, self.std, delivery.dtype, delivery.device) if self.triton else None
 
     def __call__(
