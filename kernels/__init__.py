@@ -3,7 +3,7 @@
 Modules import ``triton`` at import time, so nothing imports them eagerly: the ops in ``okdfast.ops`` load them
 when a tensor is dispatched to Triton (``okdfast.ops.dispatch``).
 
-- ``online_kd``: the fused multi-branch online-KD loss (CE, teacher CE, T^2 KL; ensemble and peer modes).
-- ``classifier_diversity``: MDE's CD loss on the branch classifiers' weights.
-- ``ffm``: MDE's FFM attention.
+- ``online_kd``: the fused multi-branch online-KD loss (CE, teacher CE, T^2 KL; ensemble and peer modes; teachers
+  as explicit logits or as weights over the branches).
+- ``augment``: the GPU loader's gather / crop / flip / normalise kernel.
 """

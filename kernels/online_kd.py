@@ -1,51 +1,43 @@
-"""Fused Triton kernel of the multi-branch online-KD loss: softmax, CE, teacher CE and T^2 KL, values and gradients
-in one launch (reference: ``okdfast.ops.reference.online_kd_loss_reference``; op: ``okdfast.ops.online_kd``).
+"""Triton kernels of the multi-branch online-KD loss: softmax, CE, teacher CE and T^2 KL for every branch, with the
+teachers formed in the kernel from the logits it already holds (reference:
+``okdfast.ops.reference.online_kd_reference``; op: ``okdfast.ops.online_kd``).
 
-The math, per row b (a sample; y its label, eps the label smoothing, T the temperature, z_k the K branch logits,
-t the teacher: the mean of the z_k, a shared (C,) row or a per-branch (K, C) tile):
+The math, per row b (a sample; y its label, eps the label smoothing, T the temperature, z_k the K branch logits, t_r
+the teacher rows: the mean of the z_k, explicit logits, or t_r = sum_j W_rj z_j from weights W over the branches):
 
-    lse_k  = logsumexp(z_k),   lseT_k = logsumexp(z_k / T),   p_k = softmax(z_k / T),   q = softmax(t / T)
-    CE_k   = lse_k - (1 - eps) z_ky - eps mean_c(z_k)                    d/dz_k = softmax(z_k) - (1-eps) 1_y - eps/C
-    KL_k   = KL(q || p_k) = sum_c q_c (t_c - z_kc) / T - lseT_t + lseT_k   d(T^2 KL_k)/dz_k = T (p_k - q)
-                                                                      d(T^2 KL_k)/dt   = T q (log q - log p_k - KL_k)
+    lse_k  = logsumexp(z_k),   lseT_k = logsumexp(z_k / T),   p_k = softmax(z_k / T),   q_r = softmax(t_r / T)
+    CE_k   = lse_k - (1 - eps) z_ky - eps mean_c(z_k)                   d/dz_k = softmax(z_k) - (1-eps) 1_y - eps/C
+    KL_k   = KL(q_r(k) || p_k) = sum_c q_c (t_c - z_kc) / T - lseT_t + lseT_k    (r(k) = k, or 0 for one teacher)
+             d(T^2 KL_k)/dz_k = T (p_k - q),   d(T^2 KL_k)/dt = T q (log q - log p_k - KL_k)
     peer:  sum_k KD_k = 1/(K-1) sum_j R_j,  R_j = sum_{k != j} KL(p_j || p_k) = sum_c p_jc (K log p_jc - L_c),
            L_c = sum_k log p_kc;   d(T^2 sum KD)/dz_k = T/(K-1) (K p_k - sum_j p_j)            (as a student)
                                                         + T/(K-1) p_k (K log p_k - L - R_k)    (as a target)
+    weights: dL/dW_rj = sum_c dL/dt_rc z_jc,   dL/dz_j += sum_r W_rj dL/dt_r            (when the teacher is trained)
 
-Every sum over c above that needs the final log-sum-exp is rewritten as an online, rescaled sum (like the online
-softmax's denominator), taken on max-shifted values so that large logits cancel before they are summed:
-    KL_k = sum_c w_c ((t_c - m_t) - (z_kc - m_k)) / (T sum_c w_c) - log sum_c w_c + log sum_c e^{(z_kc - m_k)/T},
-    w_c = e^{(t_c - m_t)/T}; when a running max moves by d, earlier terms are rescaled by e^{-d/T} and the shifted
-    sum changes by -d sum_c w_c. (The same for R_j.) So pass 1 produces every loss value, and pass 2 only writes
-    gradients, which need no further reduction over c.
+Every sum over c that needs a final log-sum-exp is an online, rescaled sum (as in the online softmax), taken on
+max-shifted values so that large logits cancel before they are summed; when a running max moves by d, earlier
+terms are rescaled by e^{-d/T} and a shifted sum changes by -d sum_c w_c.
 
-Grid and passes (one program per row: all K branch rows of the sample and its teacher, so every logit is read by
-exactly one program and the teacher once per row, not once per branch):
+Kernels and the bytes they move (e = bytes per logit, one program per row in the row kernels):
 
-    pass 1  loop over C in BLOCK_C chunks of a [BLOCK_K, BLOCK_C] tile: running max, sum e^{z-m}, sum e^{(z-m)/T},
-            sum z (label smoothing), the KL / peer cross terms; then the row's loss and terms.
-            reads  K*C*e (logits, e = bytes per element) + C*e or K*C*e (teacher, if given)
-            writes 4 floats (loss, ce, teacher_ce, kd)
-    pass 2  the same loop again: gradients w.r.t. the logits (and the teacher), already multiplied by 1/n_valid for
-            reduction='mean', written in the input dtype.
-            reads  K*C*e (+ teacher) again: from L1/L2 when the row fits one block (C <= BLOCK_C, every CIFAR
-                   shape), from DRAM for rows of tens of thousands of classes
-            writes K*C*e (+ C*e or K*C*e for the teacher gradient when it is needed)
+    forward   reads the logits once, K*C*e per row (+ C*e or K*C*e of explicit teacher logits, + K*K*4 of weights);
+              writes the row's loss and terms and 7*BLOCK_K float32 statistics (max, log-sum-exps, KL), so the
+              backward needs no second pass over C
+    reduce    one program: sums the B loss rows and terms and counts the valid rows (B*4 floats)
+    backward  reads the logits once more and writes their gradient, already multiplied by grad_output (read on the
+              device: no host sync) and by 1/n_valid for 'mean' (+ the teacher's / the weights' gradient)
 
-Minimum traffic for a fwd+bwd (what any implementation must move): read the logits once, write their gradient once,
-2*B*K*C*e bytes (+ the teacher). This kernel moves that plus one re-read for long rows (3x instead of 2x); the eager
-reference materialises a dozen or more (B, K, C) float32 temporaries forward (upcast, two log_softmax, exp, products)
-and as many backward.
-The op's backward (``okdfast::scale_saved_grad``) then only multiplies the saved gradient by grad_output: one more
-read and write of B*K*C*e.
+In all: 3 * B*K*C*e per forward + backward (read, read, write), the minimum for a loss whose gradient needs the
+row's log-sum-exp before any of it can be written; no (B, K, C) temporary besides the gradient itself.
 
 Arithmetic is float32 whatever the input dtype (float64 for float64 inputs: gradcheck); every load and store is
-masked; row and column offsets are int64; any strides (Triton specialises stride 1, so contiguous rows vectorise).
-Ignored rows (y == ignore_index) write zero loss and zero gradients; a label outside [0, C) that is not
-ignore_index (only possible when the host-side check was skipped, e.g. under torch.compile) makes the row's loss
-and gradients NaN instead of reading out of bounds.
+masked; offsets are int64; any strides, including 0 (expanded) and those of an offset view, for every tensor.
+Non-finite logits propagate (the row's loss and gradients become NaN, as in the reference). Ignored rows
+(y == ignore_index) write zero loss and zero gradients; a label outside [0, C) that is not ignore_index (only
+possible when the host-side check was skipped) makes its row's loss and gradients NaN instead of reading out of
+bounds.
 
-The launch heuristics (``launch_config``) were chosen from ptxas register / spill reports for sm_90
+The block sizes (``launch_config``) come from a table of tile sizes and ptxas register / spill reports for sm_90
 (benchmarks/gpu_checks/compile_kernels.py), not from timings: tune them on a GPU (``block_c`` / ``num_warps``).
 """
 
@@ -59,8 +51,10 @@ import triton.language as tl
 # launch heuristics
 # ---------------------------------------------------------------------------------------------------------------
 
-MAX_TILE = 2048  # elements of the [BLOCK_K, BLOCK_C] tile; about a dozen such fp32 tiles are live in pass 2
-TEACHER_MEAN, TEACHER_SHARED, TEACHER_PER_BRANCH = 0, 1, 2
+MAX_TILE = 2048  # elements of a [BLOCK_K, BLOCK_C] tile (about a dozen such fp32 tiles are live in the backward)
+MAX_TILE_3D = 4096  # elements of the [TB, BLOCK_K, BLOCK_C] product that forms per-branch teachers from weights
+NUM_STATS = 7  # per-row statistics saved for the backward: m, log_s1, log_st, kl|r (branches), m_t, log_s1_t, log_st_t
+TEACHER_MEAN, TEACHER_EXPLICIT, TEACHER_WEIGHTS = 0, 1, 2
 
 
 def _pow2(n: int) -> int:
@@ -70,32 +64,65 @@ def _pow2(n: int) -> int:
 def launch_config(
     num_branches: int,
     num_classes: int,
+    teacher_rows: int = 1,
+    weighted: bool = False,
     block_c: int | None = None,
     num_warps: int | None = None,
-    per_branch_teacher: bool = False,
-) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_C, num_warps): the whole (K, C) row in one tile when it fits MAX_TILE, else C in chunks.
+) -> tuple[int, int, int, int]:
+    """(BLOCK_K, TB, BLOCK_C, num_warps): the whole (K, C) row in one tile when it fits, else C in chunks.
 
-    num_warps gives every thread 8 elements of the tile (4 when BLOCK_K >= 8; half that with a per-branch teacher,
-    whose tile doubles the live registers), at most 16 warps: compiled for sm_90 with ptxas this keeps the
-    specialisations at <= ~128 registers with no or a few bytes of spills (16 elements per thread spill hundreds;
-    see benchmarks/gpu_checks/compile_kernels.py). ``block_c`` / ``num_warps`` override (tests, tuning sweeps).
+    TB is the teacher tile's rows (1, or BLOCK_K for per-branch teachers). With per-branch weights the teacher is a
+    [TB, BLOCK_K, BLOCK_C] product, so BLOCK_C shrinks to keep it within MAX_TILE_3D. num_warps gives every thread
+    about 8 tile elements (4 for BLOCK_K >= 8, half that with a per-branch teacher), at most 16 warps: at that
+    density the sm_90 compiles stay at <= ~128 registers with no or few spills (gpu_checks/compile_kernels.py).
+    ``block_c`` / ``num_warps`` override (tests, tuning sweeps).
     """
     block_k = _pow2(num_branches)
-    per_thread = (8 if block_k <= 4 else 4) // (2 if per_branch_teacher else 1)
+    tb = block_k if teacher_rows > 1 else 1
+    per_thread = (8 if block_k <= 4 else 4) // (2 if tb > 1 else 1)
     if block_c is None:
-        block_c = max(min(_pow2(num_classes), MAX_TILE // block_k), 16)
+        limit = MAX_TILE // block_k
+        if weighted:
+            limit = min(limit, MAX_TILE_3D // (tb * block_k))
+        block_c = max(min(_pow2(num_classes), limit), 16)
         while block_c > 16 and block_k * block_c > 16 * 32 * per_thread:  # more than 16 warps' worth
             block_c //= 2
     elif block_c < 1 or block_c & (block_c - 1):
         raise ValueError(f"block_c={block_c}: must be a power of two")
     if num_warps is None:
         num_warps = min(max(block_k * block_c // (32 * per_thread), 1), 16)
-    return block_k, block_c, num_warps
+    return block_k, tb, block_c, num_warps
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# forward kernel (writes the gradients too)
+# shared pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _teacher_tile(
+    z,  # [BLOCK_K, BLOCK_C] logits tile, 0 where masked
+    t_rows,  # [TB] row starts of explicit teacher logits
+    w,  # [TB, BLOCK_K] weights over the branches, 0 where masked
+    cols,
+    mask_tc,
+    stride_tc,
+    K,
+    TEACHER_MODE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """[TB, BLOCK_C] teacher logits: the branch mean, explicit rows, or sum_j W_rj z_j."""
+    if TEACHER_MODE == 0:
+        t = (tl.sum(z, axis=0) / K)[None, :]
+    elif TEACHER_MODE == 1:
+        t = tl.load(t_rows[:, None] + cols[None, :].to(tl.int64) * stride_tc, mask=mask_tc, other=0.0).to(ACC)
+    else:
+        t = tl.sum(w[:, :, None] * z[None, :, :], axis=1)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward: the row's loss, terms and statistics
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -105,18 +132,22 @@ def _online_kd_fwd_kernel(
     stride_zb,
     stride_zk,
     stride_zc,
-    y_ptr,  # [B] int64 labels
-    t_ptr,  # [B, C] shared or [B, K, C] per-branch teacher logits (unused when TEACHER_MODE == 0)
+    y_ptr,  # [B] int64 labels, any stride
+    stride_y,
+    t_ptr,  # [B, KT, C] explicit teacher logits (TEACHER_MODE 1; stride_tk 0 for a shared teacher)
     stride_tb,
-    stride_tk,  # 0 for a shared teacher
+    stride_tk,
     stride_tc,
-    n_valid_ptr,  # [1] float32 number of non-ignored rows (read when MEAN)
-    kd_scale_ptr,  # [1] float32 device-side multiplier of kd_weight (read when HAS_KD_SCALE: a ramp-up w(e))
-    loss_ptr,  # [B] weighted per-row loss (ACC dtype)
-    terms_ptr,  # [B, 3] unweighted per-row ce, teacher_ce, kd (ACC dtype)
-    gz_ptr,  # [B, K, C] contiguous d loss / d logits (logits dtype)
-    gt_ptr,  # [B, C] or [B, K, C] contiguous d loss / d teacher (teacher dtype)
+    w_ptr,  # [B, KT, K] teacher weights (TEACHER_MODE 2; stride_wb 0 for a constant matrix)
+    stride_wb,
+    stride_wt,
+    stride_wk,
+    kdw_ptr,  # [1] device-side multiplier of kd_weight (read when HAS_KDW: a ramp-up w(e))
+    loss_ptr,  # [B] weighted per-row loss (ACC)
+    terms_ptr,  # [B, 3] unweighted per-row ce, teacher_ce, kd (ACC)
+    stats_ptr,  # [B, NUM_STATS, BLOCK_K] statistics for the backward (ACC)
     K,
+    KT,  # teacher rows: 1 or K
     C,
     ignore_index,
     temperature,
@@ -126,17 +157,12 @@ def _online_kd_fwd_kernel(
     teacher_ce_weight,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    TB: tl.constexpr,  # rows of the teacher tile: 1 (mean / shared teacher) or BLOCK_K (per-branch)
-    TEACHER_MODE: tl.constexpr,  # 0 mean of the branches, 1 shared (B, C), 2 per-branch (B, K, C)
+    TB: tl.constexpr,  # rows of the teacher tile: 1 or BLOCK_K
+    TEACHER_MODE: tl.constexpr,  # 0 mean of the branches, 1 explicit logits, 2 weights over the branches
     PEER: tl.constexpr,  # DML: branch k distils from every other branch
-    DETACH: tl.constexpr,  # no gradient into the KL targets
-    HAS_TCE: tl.constexpr,  # teacher_ce_weight != 0
-    HAS_KD: tl.constexpr,  # kd_weight != 0
-    HAS_KD_SCALE: tl.constexpr,
-    MEAN_T_GRAD: tl.constexpr,  # TEACHER_MODE == 0 and the teacher receives a gradient (it flows into every z_k)
-    MEAN: tl.constexpr,  # reduction == 'mean': gradients carry 1 / n_valid
-    WRITE_GZ: tl.constexpr,
-    WRITE_GT: tl.constexpr,
+    HAS_KD: tl.constexpr,
+    HAS_KDW: tl.constexpr,
+    TCE_MASK: tl.constexpr,  # bit r: teacher row r gets the teacher CE (0: no teacher CE)
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -144,36 +170,14 @@ def _online_kd_fwd_kernel(
     offs_t = tl.arange(0, TB)
     offs_c = tl.arange(0, BLOCK_C)
     mask_k = offs_k < K
-    if TEACHER_MODE == 2:
-        kt = K
-    else:
-        kt = 1
-    mask_t = offs_t < kt
-    z_k = z_ptr + row * stride_zb + offs_k.to(tl.int64) * stride_zk  # [BLOCK_K] row starts of the K branches
-    t_k = t_ptr + row * stride_tb + offs_t.to(tl.int64) * stride_tk  # [TB]
-    gz_k = gz_ptr + (row * K + offs_k.to(tl.int64)) * C  # [BLOCK_K]
-    gt_k = gt_ptr + (row * kt + offs_t.to(tl.int64)) * C  # [TB]
+    mask_t = offs_t < KT
+    z_rows = z_ptr + row * stride_zb + offs_k.to(tl.int64) * stride_zk  # [BLOCK_K]
+    t_rows = t_ptr + row * stride_tb + offs_t.to(tl.int64) * stride_tk  # [TB]
+    stats = stats_ptr + row * (7 * BLOCK_K) + offs_k  # [BLOCK_K] slot 0; slot s at + s * BLOCK_K
+    stats_t = stats_ptr + row * (7 * BLOCK_K) + offs_t
 
-    y = tl.load(y_ptr + row)
-    if y == ignore_index:  # ignored row: zero loss, zero gradients
-        if WRITE_GZ:
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs_c
-                zero = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-                tl.store(
-                    gz_k[:, None] + cols[None, :],
-                    zero.to(gz_ptr.dtype.element_ty),
-                    mask=mask_k[:, None] & (cols < C)[None, :],
-                )
-        if WRITE_GT:
-            for start in range(0, C, BLOCK_C):
-                cols = start + offs_c
-                zero_t = tl.zeros([TB, BLOCK_C], ACC)
-                tl.store(
-                    gt_k[:, None] + cols[None, :],
-                    zero_t.to(gt_ptr.dtype.element_ty),
-                    mask=mask_t[:, None] & (cols < C)[None, :],
-                )
+    y = tl.load(y_ptr + row * stride_y)
+    if y == ignore_index:  # ignored row: zero loss and terms (its gradient is zero too: the backward checks y)
         tl.store(loss_ptr + row, 0.0)
         tl.store(terms_ptr + row * 3 + tl.arange(0, 4), tl.zeros([4], ACC), mask=tl.arange(0, 4) < 3)
         return
@@ -182,20 +186,22 @@ def _online_kd_fwd_kernel(
     y_safe = tl.where(y_ok, y, 0)
     inv_t = 1.0 / temperature
     eps = label_smoothing
-    if HAS_KD_SCALE:
-        kd_weight = kd_weight * tl.load(kd_scale_ptr).to(ACC)
+    if HAS_KDW:
+        kd_weight = kd_weight * tl.load(kdw_ptr).to(ACC)
     neg_inf = float("-inf")
+    w = tl.zeros([TB, BLOCK_K], ACC)
+    if TEACHER_MODE == 2:
+        w_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(ACC)
 
-    # ---- pass 1: online statistics of every branch row and of the teacher -------------------------------------
-    # Sums are taken relative to the running maxima (m_ref: the max, or 0 while nothing finite was seen), so the
-    # large logit magnitudes cancel before summation, not after: when a max moves by d, a sum of shifted values
-    # w_c (x_c - m) over earlier blocks changes by -d * sum_c w_c, and its weights by e^{-d/T} (online softmax).
+    # ---- one pass over C: online statistics of every branch row and every teacher row -------------------------
+    # Sums are taken relative to the running maxima (m_ref: the max, or 0 while nothing finite was seen).
     m = tl.full([BLOCK_K], neg_inf, ACC)  # running max of z_k
     m_ref = tl.zeros([BLOCK_K], ACC)
     s1 = tl.zeros([BLOCK_K], ACC)  # sum_c e^{z_k - m}
     st = tl.zeros([BLOCK_K], ACC)  # sum_c e^{(z_k - m)/T}
     sum_z = tl.zeros([BLOCK_K], ACC)  # sum_c z_k (label smoothing)
-    # ensemble: sum_c e^{(t - m_t)/T} ((t - m_t) - (z_k - m_k));  peer: sum_c e^{(z_k - m_k)/T} (K (z_k - m_k) -
+    # ensemble: sum_c e^{(t - m_t)/T} ((t - m_t) - (z_k - m_k)); peer: sum_c e^{(z_k - m_k)/T} (K (z_k - m_k) -
     # sum_j (z_j - m_j))
     cross = tl.zeros([BLOCK_K], ACC)
     m_t = tl.full([TB], neg_inf, ACC)
@@ -208,12 +214,10 @@ def _online_kd_fwd_kernel(
         mask_c = cols < C
         mask = mask_k[:, None] & mask_c[None, :]
         mask_tc = mask_t[:, None] & mask_c[None, :]
-        z = tl.load(z_k[:, None] + cols[None, :].to(tl.int64) * stride_zc, mask=mask, other=0.0).to(ACC)
-        if TEACHER_MODE == 0:
-            t = (tl.sum(z, axis=0) / K)[None, :]  # [1, BLOCK_C]: z is 0 where masked
-        else:
-            t = tl.load(t_k[:, None] + cols[None, :].to(tl.int64) * stride_tc, mask=mask_tc, other=0.0).to(ACC)
+        z = tl.load(z_rows[:, None] + cols[None, :].to(tl.int64) * stride_zc, mask=mask, other=0.0).to(ACC)
+        t = _teacher_tile(z, t_rows, w, cols, mask_tc, stride_tc, K, TEACHER_MODE, ACC)
 
+        # A NaN logit needs no special case: whatever the maxima do with it, it reaches every sum below (e^NaN)
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, neg_inf), axis=1))
         m_ref_new = tl.where(m_new == neg_inf, 0.0, m_new)  # a row with nothing finite yet keeps its sums at 0
         shift = m_ref_new - m_ref
@@ -247,7 +251,7 @@ def _online_kd_fwd_kernel(
         m_t = mt_new
         mt_ref = mt_ref_new
 
-    # padded branch rows get harmless finite statistics (they are masked out of every sum and store)
+    # padded branch / teacher rows get harmless finite statistics (they are masked out of every sum and store)
     log_s1 = tl.log(tl.where(mask_k, s1, 1.0))  # logsumexp(z_k) = m_k + log_s1
     log_st = tl.log(tl.where(mask_k, st, 1.0))  # logsumexp(z_k / T) = m_k / T + log_st
     log_s1_t = tl.log(tl.where(mask_t, s1_t, 1.0))
@@ -255,29 +259,32 @@ def _online_kd_fwd_kernel(
     st = tl.where(mask_k, st, 1.0)
     st_t = tl.where(mask_t, st_t, 1.0)
 
-    zy = tl.load(z_k + y_safe * stride_zc, mask=mask_k & y_ok, other=0.0).to(ACC)  # [BLOCK_K] z_ky
+    zy = tl.load(z_rows + y_safe * stride_zc, mask=mask_k & y_ok, other=0.0).to(ACC)  # [BLOCK_K] z_ky
     if TEACHER_MODE == 0:
         ty = tl.zeros([TB], ACC) + tl.sum(zy, axis=0) / K
+    elif TEACHER_MODE == 1:
+        ty = tl.load(t_rows + y_safe * stride_tc, mask=mask_t & y_ok, other=0.0).to(ACC)  # [TB] t_y
     else:
-        ty = tl.load(t_k + y_safe * stride_tc, mask=mask_t & y_ok, other=0.0).to(ACC)  # [TB] t_y
+        ty = tl.sum(w * zy[None, :], axis=1)
 
     # CE_eps(z, y) = lse - (1 - eps) z_y - eps mean_c z = log_s1 + (1 - eps) (m - z_y) + eps (m - mean_c z)
     ce_k = log_s1 + (1.0 - eps) * (m_ref - zy) + eps * (m_ref - sum_z / C)
     ce = tl.sum(tl.where(mask_k, ce_k, 0.0), axis=0)
     tce_k = log_s1_t + (1.0 - eps) * (mt_ref - ty) + eps * (mt_ref - sum_t / C)
-    tce = tl.sum(tl.where(mask_t, tce_k, 0.0), axis=0)
+    selected = mask_t & (((tl.full([TB], TCE_MASK, tl.int32) >> offs_t) & 1) == 1)
+    tce = tl.sum(tl.where(selected, tce_k, 0.0), axis=0)
     if PEER:
         # R_k = sum_{j != k} KL(p_k || p_j) = sum_c p_kc (K (z_kc - m_k) - sum_j (z_jc - m_j)) / T
         #       - K log_st_k + sum_j log_st_j
-        r = cross / (st * temperature) - K * log_st + tl.sum(tl.where(mask_k, log_st, 0.0), axis=0)
-        kd = tl.sum(tl.where(mask_k, r, 0.0), axis=0) / (K - 1)
+        kl = cross / (st * temperature) - K * log_st + tl.sum(tl.where(mask_k, log_st, 0.0), axis=0)
+        kd = tl.sum(tl.where(mask_k, kl, 0.0), axis=0) / (K - 1)
     else:
         # KL_k = sum_c q_c ((t_c - m_t) - (z_kc - m_k)) / T - log_st_t + log_st_k
         kl = cross / (st_t * temperature) - log_st_t + log_st
         kd = tl.sum(tl.where(mask_k, kl, 0.0), axis=0)
     kd = kd * temperature * temperature
     loss = ce_weight * ce
-    if HAS_TCE:
+    if TCE_MASK != 0:
         loss += teacher_ce_weight * tce
     if HAS_KD:
         loss += kd_weight * kd
@@ -285,68 +292,228 @@ def _online_kd_fwd_kernel(
     tl.store(loss_ptr + row, tl.where(y_ok, loss, nan))
     terms = tl.where(tl.arange(0, 4) == 0, ce, tl.where(tl.arange(0, 4) == 1, tce, kd))
     tl.store(terms_ptr + row * 3 + tl.arange(0, 4), tl.where(y_ok, terms, nan), mask=tl.arange(0, 4) < 3)
+    tl.store(stats, m_ref)
+    tl.store(stats + BLOCK_K, log_s1)
+    tl.store(stats + 2 * BLOCK_K, log_st)
+    tl.store(stats + 3 * BLOCK_K, tl.where(mask_k, kl, 0.0))
+    tl.store(stats_t + 4 * BLOCK_K, mt_ref)
+    tl.store(stats_t + 5 * BLOCK_K, log_s1_t)
+    tl.store(stats_t + 6 * BLOCK_K, log_st_t)
 
-    # ---- pass 2: gradients --------------------------------------------------------------------------------------
-    if WRITE_GZ or WRITE_GT:
-        scale = 1.0
-        if MEAN:
-            scale = 1.0 / tl.load(n_valid_ptr).to(ACC)
-        scale = tl.where(y_ok, scale, nan)
-        smooth_off = eps / C  # label-smoothed target: 1 - eps + eps/C at y, eps/C elsewhere
+
+# ---------------------------------------------------------------------------------------------------------------
+# reduce: the batch's loss, term means and number of valid rows, in one program (deterministic, no atomics)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_kd_reduce_kernel(
+    loss_rows_ptr,  # [B] (ACC)
+    terms_ptr,  # [B, 3] (ACC)
+    y_ptr,  # [B] int64 labels, any stride
+    stride_y,
+    loss_ptr,  # [] reduced loss (ACC)
+    summary_ptr,  # [4] mean ce, mean teacher_ce, mean kd over the valid rows, number of valid rows (ACC)
+    B,
+    ignore_index,
+    MEAN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_B)
+    total = tl.zeros([BLOCK_B], ACC)
+    ce = tl.zeros([BLOCK_B], ACC)
+    tce = tl.zeros([BLOCK_B], ACC)
+    kd = tl.zeros([BLOCK_B], ACC)
+    count = tl.zeros([BLOCK_B], ACC)
+    for start in range(0, B, BLOCK_B):
+        rows = (start + offs).to(tl.int64)
+        mask = rows < B
+        y = tl.load(y_ptr + rows * stride_y, mask=mask, other=ignore_index)
+        total += tl.load(loss_rows_ptr + rows, mask=mask, other=0.0)
+        ce += tl.load(terms_ptr + rows * 3, mask=mask, other=0.0)
+        tce += tl.load(terms_ptr + rows * 3 + 1, mask=mask, other=0.0)
+        kd += tl.load(terms_ptr + rows * 3 + 2, mask=mask, other=0.0)
+        count += tl.where(mask & (y != ignore_index), 1.0, 0.0)
+    n_valid = tl.sum(count, axis=0)
+    loss = tl.sum(total, axis=0)
+    if MEAN:
+        loss = loss / n_valid  # NaN when every row is ignored, like F.cross_entropy
+    tl.store(loss_ptr, loss)
+    tl.store(summary_ptr, tl.sum(ce, axis=0) / n_valid)
+    tl.store(summary_ptr + 1, tl.sum(tce, axis=0) / n_valid)
+    tl.store(summary_ptr + 2, tl.sum(kd, axis=0) / n_valid)
+    tl.store(summary_ptr + 3, n_valid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward: gradients times grad_output, in one pass over C
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_kd_bwd_kernel(
+    z_ptr,  # [B, K, C] branch logits, any strides
+    stride_zb,
+    stride_zk,
+    stride_zc,
+    y_ptr,  # [B] int64 labels, any stride
+    stride_y,
+    t_ptr,  # [B, KT, C] explicit teacher logits (TEACHER_MODE 1)
+    stride_tb,
+    stride_tk,
+    stride_tc,
+    w_ptr,  # [B, KT, K] teacher weights (TEACHER_MODE 2)
+    stride_wb,
+    stride_wt,
+    stride_wk,
+    kdw_ptr,  # [1] device-side multiplier of kd_weight (HAS_KDW)
+    stats_ptr,  # [B, NUM_STATS, BLOCK_K] from the forward (ACC)
+    summary_ptr,  # [4] from the reduce kernel; [3] is the number of valid rows (read when MEAN)
+    gout_ptr,  # [] or [B] grad_output
+    stride_gout,  # 0 for a scalar grad_output
+    gz_ptr,  # [B, K, C] contiguous d loss / d logits (logits dtype)
+    gt_ptr,  # [B, KT, C] contiguous d loss / d teacher (teacher dtype; WRITE_GT)
+    gw_ptr,  # [B, KT, K] contiguous d loss / d weights (ACC; WRITE_GW)
+    K,
+    KT,
+    C,
+    ignore_index,
+    temperature,
+    label_smoothing,
+    ce_weight,
+    kd_weight,
+    teacher_ce_weight,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TB: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,
+    PEER: tl.constexpr,
+    DETACH_MASK: tl.constexpr,  # bit r: teacher row r's KL target is detached (peer mode: 0 or 1, all or none)
+    HAS_KD: tl.constexpr,
+    HAS_KDW: tl.constexpr,
+    TCE_MASK: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,  # the teacher receives a gradient (teacher CE, or an undetached KL target)
+    MEAN: tl.constexpr,  # reduction == 'mean': gradients carry 1 / n_valid
+    WRITE_GZ: tl.constexpr,
+    WRITE_GT: tl.constexpr,
+    WRITE_GW: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, TB)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_k = offs_k < K
+    mask_t = offs_t < KT
+    mask_tk = mask_t[:, None] & mask_k[None, :]
+    z_rows = z_ptr + row * stride_zb + offs_k.to(tl.int64) * stride_zk
+    t_rows = t_ptr + row * stride_tb + offs_t.to(tl.int64) * stride_tk
+    gz_rows = gz_ptr + (row * K + offs_k.to(tl.int64)) * C  # [BLOCK_K]
+    gt_rows = gt_ptr + (row * KT + offs_t.to(tl.int64)) * C  # [TB]
+    gw_tile = gw_ptr + row * KT * K + offs_t[:, None].to(tl.int64) * K + offs_k[None, :]  # [TB, BLOCK_K]
+    stats = stats_ptr + row * (7 * BLOCK_K) + offs_k
+    stats_t = stats_ptr + row * (7 * BLOCK_K) + offs_t
+
+    y = tl.load(y_ptr + row * stride_y)
+    if y == ignore_index:  # ignored row: zero gradients, whatever its logits hold
         for start in range(0, C, BLOCK_C):
             cols = start + offs_c
-            mask_c = cols < C
-            mask = mask_k[:, None] & mask_c[None, :]
-            mask_tc = mask_t[:, None] & mask_c[None, :]
-            z = tl.load(z_k[:, None] + cols[None, :].to(tl.int64) * stride_zc, mask=mask, other=0.0).to(ACC)
-            if TEACHER_MODE == 0:
-                t = (tl.sum(z, axis=0) / K)[None, :]
-            else:
-                t = tl.load(t_k[:, None] + cols[None, :].to(tl.int64) * stride_tc, mask=mask_tc, other=0.0).to(ACC)
-            target = tl.where((cols == y)[None, :], 1.0 - eps + smooth_off, smooth_off)  # [1, BLOCK_C]
-            zc = z - m_ref[:, None]
-            tc = t - mt_ref[:, None]
-            log_p = zc * inv_t - log_st[:, None]  # log softmax(z_k / T)
-            p = tl.exp(log_p)
-            gz = ce_weight * (tl.exp(zc - log_s1[:, None]) - target)
-            gt = tl.zeros([TB, BLOCK_C], ACC)
-            if HAS_TCE:
-                gt += teacher_ce_weight * (tl.exp(tc - log_s1_t[:, None]) - target)
-            if HAS_KD:
-                if PEER:
-                    coef = kd_weight * temperature / (K - 1)
-                    p_sum = tl.sum(tl.where(mask, p, 0.0), axis=0)
-                    gz += coef * (K * p - p_sum[None, :])
-                    if not DETACH:
-                        log_p_sum = tl.sum(tl.where(mask, log_p, 0.0), axis=0)
-                        gz += coef * p * (K * log_p - log_p_sum[None, :] - r[:, None])
-                else:
-                    log_q = tc * inv_t - log_st_t[:, None]
-                    q = tl.exp(log_q)
-                    gz += kd_weight * temperature * (p - q)
-                    if not DETACH:
-                        g_kl = kd_weight * temperature * q * (log_q - log_p - kl[:, None])  # [BLOCK_K, BLOCK_C]
-                        if TEACHER_MODE == 2:
-                            gt += g_kl
-                        else:
-                            gt += tl.sum(tl.where(mask, g_kl, 0.0), axis=0)[None, :]
-            if MEAN_T_GRAD:  # t = mean_k z_k: its gradient reaches every branch with weight 1/K
-                gz += gt / K
             if WRITE_GZ:
-                tl.store(gz_k[:, None] + cols[None, :], (gz * scale).to(gz_ptr.dtype.element_ty), mask=mask)
+                zero = tl.zeros([BLOCK_K, BLOCK_C], ACC).to(gz_ptr.dtype.element_ty)
+                tl.store(gz_rows[:, None] + cols[None, :], zero, mask=mask_k[:, None] & (cols < C)[None, :])
             if WRITE_GT:
-                tl.store(gt_k[:, None] + cols[None, :], (gt * scale).to(gt_ptr.dtype.element_ty), mask=mask_tc)
+                zero_t = tl.zeros([TB, BLOCK_C], ACC).to(gt_ptr.dtype.element_ty)
+                tl.store(gt_rows[:, None] + cols[None, :], zero_t, mask=mask_t[:, None] & (cols < C)[None, :])
+        if WRITE_GW:
+            tl.store(gw_tile, tl.zeros([TB, BLOCK_K], ACC), mask=mask_tk)
+        return
+
+    y_ok = (y >= 0) & (y < C)
+    inv_t = 1.0 / temperature
+    eps = label_smoothing
+    if HAS_KDW:
+        kd_weight = kd_weight * tl.load(kdw_ptr).to(ACC)
+    scale = tl.load(gout_ptr + row * stride_gout).to(ACC)
+    if MEAN:
+        scale = scale / tl.load(summary_ptr + 3).to(ACC)
+    scale = tl.where(y_ok, scale, float("nan"))
+    w = tl.zeros([TB, BLOCK_K], ACC)
+    if TEACHER_MODE == 2:
+        w_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=mask_tk, other=0.0).to(ACC)
+    m_ref = tl.load(stats)
+    log_s1 = tl.load(stats + BLOCK_K)
+    log_st = tl.load(stats + 2 * BLOCK_K)
+    kl = tl.load(stats + 3 * BLOCK_K)  # KL_k (ensemble) or R_k (peer)
+    mt_ref = tl.load(stats_t + 4 * BLOCK_K)
+    log_s1_t = tl.load(stats_t + 5 * BLOCK_K)
+    log_st_t = tl.load(stats_t + 6 * BLOCK_K)
+    selected = mask_t & (((tl.full([TB], TCE_MASK, tl.int32) >> offs_t) & 1) == 1)
+    smooth_off = eps / C  # the label-smoothed target: 1 - eps + eps/C at y, eps/C elsewhere
+    gw = tl.zeros([TB, BLOCK_K], ACC)
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs_c
+        mask_c = cols < C
+        mask = mask_k[:, None] & mask_c[None, :]
+        mask_tc = mask_t[:, None] & mask_c[None, :]
+        z = tl.load(z_rows[:, None] + cols[None, :].to(tl.int64) * stride_zc, mask=mask, other=0.0).to(ACC)
+        t = _teacher_tile(z, t_rows, w, cols, mask_tc, stride_tc, K, TEACHER_MODE, ACC)
+        target = tl.where((cols == y)[None, :], 1.0 - eps + smooth_off, smooth_off)  # [1, BLOCK_C]
+        zc = z - m_ref[:, None]
+        log_p = zc * inv_t - log_st[:, None]  # log softmax(z_k / T)
+        p = tl.exp(log_p)
+        gz = ce_weight * (tl.exp(zc - log_s1[:, None]) - target)
+        gt = tl.zeros([TB, BLOCK_C], ACC)
+        if TCE_MASK != 0:
+            tce_grad = teacher_ce_weight * (tl.exp(t - mt_ref[:, None] - log_s1_t[:, None]) - target)
+            gt += tl.where(selected[:, None], tce_grad, 0.0)
+        if HAS_KD:
+            if PEER:
+                coef = kd_weight * temperature / (K - 1)
+                p_sum = tl.sum(tl.where(mask, p, 0.0), axis=0)
+                gz += coef * (K * p - p_sum[None, :])
+                if DETACH_MASK == 0:
+                    log_p_sum = tl.sum(tl.where(mask, log_p, 0.0), axis=0)
+                    gz += coef * p * (K * log_p - log_p_sum[None, :] - kl[:, None])
+            else:
+                log_q = (t - mt_ref[:, None]) * inv_t - log_st_t[:, None]
+                q = tl.exp(log_q)
+                gz += kd_weight * temperature * (p - q)
+                if DETACH_MASK != (1 << TB) - 1:  # some row's KL target is trained
+                    g_kl = kd_weight * temperature * q * (log_q - log_p - kl[:, None])  # [BLOCK_K, BLOCK_C]
+                    if TB == 1:
+                        gt += tl.sum(tl.where(mask, g_kl, 0.0), axis=0)[None, :]
+                    else:
+                        trained = ((tl.full([TB], DETACH_MASK, tl.int32) >> offs_t) & 1) == 0
+                        gt += tl.where(mask & trained[:, None], g_kl, 0.0)
+        if TEACHER_GRAD:
+            gt = tl.where(mask_tc, gt, 0.0)
+            if TEACHER_MODE == 0:  # t = mean_k z_k: its gradient reaches every branch with weight 1/K
+                gz += gt / K
+            elif TEACHER_MODE == 2:  # t_r = sum_j W_rj z_j
+                gz += tl.sum(w[:, :, None] * gt[:, None, :], axis=0)
+                if WRITE_GW:
+                    gw += tl.sum(gt[:, None, :] * z[None, :, :], axis=2)
+        if WRITE_GZ:
+            tl.store(gz_rows[:, None] + cols[None, :], (gz * scale).to(gz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GT:
+            tl.store(gt_rows[:, None] + cols[None, :], (gt * scale).to(gt_ptr.dtype.element_ty), mask=mask_tc)
+    if WRITE_GW:
+        tl.store(gw_tile, gw * scale, mask=mask_tk)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# host launcher
+# host launchers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _interpreted(kernel):
+def _runnable(kernel, device: torch.device):
     """The kernel object that runs on ``device``. Triton decides interpretation when ``@triton.jit`` runs (at
-    import of this module) and decorates its own standard library (tl.sum, tl.zeros, ...) when ``triton`` is first
-    imported, so TRITON_INTERPRET=1 must be in the environment before anything imports triton."""
+    import of this module) and decorates its own standard library when ``triton`` is first imported, so
+    TRITON_INTERPRET=1 must be in the environment before anything imports triton."""
+    if device.type == "cuda":
+        return kernel
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(kernel, InterpretedFunction):
@@ -357,107 +524,199 @@ def _interpreted(kernel):
     return kernel
 
 
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+class _Layout:
+    """The teacher's form as kernel arguments: mode, rows KT, and the (teacher, weights) pointers and strides."""
+
+    def __init__(self, logits, teacher, weights, weight_rows: int) -> None:
+        batch, k, _ = logits.shape
+        self.mode, self.rows = TEACHER_MEAN, 1
+        self.t_arg, self.t_strides = logits, (0, 0, 0)
+        self.w_arg, self.w_strides = logits, (0, 0, 0)
+        if teacher is not None:
+            self.mode, self.t_arg = TEACHER_EXPLICIT, teacher
+            if teacher.dim() == 2:
+                self.t_strides = (teacher.stride(0), 0, teacher.stride(1))
+            else:
+                self.rows, self.t_strides = k, teacher.stride()
+        elif weights is not None:
+            self.mode, self.rows = TEACHER_WEIGHTS, weight_rows
+            w = weights.reshape(-1, weight_rows, k) if weights.dim() == 2 else weights  # views, no copy
+            self.w_arg = w
+            self.w_strides = (0 if w.shape[0] == 1 else w.stride(0), w.stride(1), w.stride(2))
 
 
 def online_kd_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     teacher: torch.Tensor | None,
-    *,
-    mode: str,
-    temperature: float,
-    ce_weight: float,
-    kd_weight: float,
-    teacher_ce_weight: float,
-    detach_teacher: bool,
-    label_smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    grad_logits: bool,
-    grad_teacher: bool,
-    kd_scale: torch.Tensor | None = None,
+    teacher_weights: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    options,
+    weight_rows: int,
     block_c: int | None = None,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: ``(loss, terms (B, 3), grad_logits, grad_teacher)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two launches: ``(loss, summary (4,), stats (B, 7, BLOCK_K))``.
 
-    Inputs must already be validated (``okdfast.ops.online_kd``). ``loss`` is reduced ('mean': sum over rows /
-    number of non-ignored rows; 'sum'; 'none': (B,)); ``terms`` are the unweighted per-row ce, teacher_ce, kd (zero
-    at ignored rows); the gradients are d loss / d input for grad_output = 1 (already divided by the number of
-    valid rows for 'mean'), contiguous, in the input's dtype, or empty tensors when not requested.
-    ``kd_scale``: an optional one-element float32 tensor on the logits' device that multiplies ``kd_weight`` (read
-    by the kernel: no host sync, no recompilation). ``block_c`` / ``num_warps``: see :func:`launch_config`.
+    Inputs must be validated (``okdfast.ops.online_kd_options``); ``options`` is an ``OnlineKDOptions``.
+    ``loss``: reduced ('mean' over the valid rows, 'sum') or the (B,) rows ('none'); ``summary``: mean ce,
+    teacher_ce and kd over the valid rows, and their number; ``stats``: what the backward reads instead of a second
+    pass over C. ``weight_rows``: the teacher rows of ``teacher_weights`` (1 shared, K per branch).
     """
     batch, num_branches, num_classes = logits.shape
     device = logits.device
-    acc = _acc_dtype(logits, teacher)
+    acc = _acc(logits, teacher, teacher_weights)
+    layout = _Layout(logits, teacher, teacher_weights, weight_rows)
+    block_k, tb, block_c, num_warps = launch_config(
+        num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps
+    )
     loss_rows = torch.empty(batch, dtype=acc, device=device)
     terms = torch.empty(batch, 3, dtype=acc, device=device)
-    gz = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_logits else logits.new_empty(0)
-    write_gt = grad_teacher and teacher is not None
-    if write_gt:
-        gt = torch.empty_like(teacher, memory_format=torch.contiguous_format)
-    else:
-        gt = logits.new_empty(0) if teacher is None else teacher.new_empty(0)
-    valid = target != ignore_index
-    n_valid = valid.sum().to(torch.float32)
-
+    stats = torch.empty(batch, NUM_STATS, block_k, dtype=acc, device=device)
+    has_kd = options.kd_weight != 0.0 or kd_weight is not None
     if batch > 0:
-        if teacher is None:
-            teacher_mode, t_arg, t_strides = TEACHER_MEAN, logits, (0, 0, 0)
-        elif teacher.dim() == 2:
-            teacher_mode, t_arg, t_strides = TEACHER_SHARED, teacher, (teacher.stride(0), 0, teacher.stride(1))
-        else:
-            teacher_mode, t_arg, t_strides = TEACHER_PER_BRANCH, teacher, teacher.stride()
-        block_k, block_c, num_warps = launch_config(
-            num_branches, num_classes, block_c, num_warps, teacher_mode == TEACHER_PER_BRANCH
-        )
-        peer = mode == "peer"
-        has_kd = kd_weight != 0.0 or kd_scale is not None
-        has_tce = teacher_ce_weight != 0.0
-        kernel = _online_kd_fwd_kernel if device.type == "cuda" else _interpreted(_online_kd_fwd_kernel)
-        kernel[(batch,)](
+        _runnable(_online_kd_fwd_kernel, device)[(batch,)](
             logits,
             *logits.stride(),
             target,
-            t_arg,
-            *t_strides,
-            n_valid,
-            n_valid if kd_scale is None else kd_scale,
+            target.stride(0),
+            layout.t_arg,
+            *layout.t_strides,
+            layout.w_arg,
+            *layout.w_strides,
+            logits if kd_weight is None else kd_weight,
             loss_rows,
             terms,
-            gz if grad_logits else loss_rows,  # a placeholder pointer when nothing is written
-            gt if write_gt else loss_rows,
+            stats,
             num_branches,
+            layout.rows,
             num_classes,
-            ignore_index,
-            float(temperature),
-            float(label_smoothing),
-            float(ce_weight),
-            float(kd_weight),
-            float(teacher_ce_weight),
+            options.ignore_index,
+            float(options.temperature),
+            float(options.label_smoothing),
+            float(options.ce_weight),
+            float(options.kd_weight),
+            float(options.teacher_ce_weight),
             BLOCK_K=block_k,
             BLOCK_C=block_c,
-            TB=block_k if teacher_mode == TEACHER_PER_BRANCH else 1,
-            TEACHER_MODE=teacher_mode,
-            PEER=peer,
-            DETACH=bool(detach_teacher),
-            HAS_TCE=has_tce,
+            TB=tb,
+            TEACHER_MODE=layout.mode,
+            PEER=options.mode == "peer",
             HAS_KD=has_kd,
-            HAS_KD_SCALE=kd_scale is not None,
-            MEAN_T_GRAD=teacher_mode == TEACHER_MEAN and (has_tce or (has_kd and not peer and not detach_teacher)),
-            MEAN=reduction == "mean",
-            WRITE_GZ=bool(grad_logits),
-            WRITE_GT=write_gt,
+            HAS_KDW=kd_weight is not None,
+            TCE_MASK=options.teacher_ce_mask(layout.rows),
             ACC=tl.float64 if acc == torch.float64 else tl.float32,
             num_warps=num_warps,
         )
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / n_valid.to(acc)  # NaN when every row is ignored, like F.cross_entropy
-    return loss, terms, gz, gt
+    loss = torch.empty((), dtype=acc, device=device)
+    summary = torch.empty(4, dtype=acc, device=device)
+    _runnable(_online_kd_reduce_kernel, device)[(1,)](
+        loss_rows,
+        terms,
+        target,
+        target.stride(0) if batch else 1,
+        loss,
+        summary,
+        batch,
+        options.ignore_index,
+        MEAN=options.reduction == "mean",
+        BLOCK_B=min(_pow2(batch), 1024),
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+    )
+    return (loss_rows if options.reduction == "none" else loss), summary, stats
+
+
+def online_kd_backward(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher: torch.Tensor | None,
+    teacher_weights: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    summary: torch.Tensor,
+    stats: torch.Tensor,
+    options,
+    weight_rows: int,
+    needs: tuple[bool, bool, bool],
+    block_c: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One launch: ``(d logits, d teacher, d teacher_weights)`` times ``grad_loss``, each None unless ``needs``
+    asks for it (logits, teacher, weights). The logits' and teacher's gradients are contiguous, in their dtypes; the
+    weights' is float32 in their shape (summed over the batch for a constant matrix)."""
+    batch, num_branches, num_classes = logits.shape
+    device = logits.device
+    acc = _acc(logits, teacher, teacher_weights)
+    layout = _Layout(logits, teacher, teacher_weights, weight_rows)
+    block_k, tb, block_c, num_warps = launch_config(
+        num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps
+    )
+    if stats.shape[-1] != block_k:
+        raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K")
+    need_z, need_t, need_w = needs
+    need_t = need_t and teacher is not None
+    need_w = need_w and teacher_weights is not None
+    peer = options.mode == "peer"
+    has_kd = options.kd_weight != 0.0 or kd_weight is not None
+    tce_mask = options.teacher_ce_mask(layout.rows)
+    # padded teacher rows (TB > KT) count as detached, so a fully detached teacher reads (1 << TB) - 1
+    detach_mask = options.detach_mask(layout.rows) | ((1 << tb) - (1 << layout.rows) if tb > layout.rows else 0)
+    if peer:
+        detach_mask = 1 if options.detach_teacher else 0
+    teacher_grad = tce_mask != 0 or (has_kd and not peer and detach_mask != (1 << tb) - 1)
+    gz = torch.empty(logits.shape, dtype=logits.dtype, device=device) if need_z else None
+    gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=device) if need_t else None
+    gw = torch.empty(batch, layout.rows, num_branches, dtype=acc, device=device) if need_w else None
+    if batch > 0 and (need_z or need_t or need_w):
+        placeholder = stats
+        _runnable(_online_kd_bwd_kernel, device)[(batch,)](
+            logits,
+            *logits.stride(),
+            target,
+            target.stride(0),
+            layout.t_arg,
+            *layout.t_strides,
+            layout.w_arg,
+            *layout.w_strides,
+            placeholder if kd_weight is None else kd_weight,
+            stats,
+            summary,
+            grad_loss,
+            grad_loss.stride(0) if grad_loss.dim() == 1 else 0,
+            placeholder if gz is None else gz,
+            placeholder if gt is None else gt,
+            placeholder if gw is None else gw,
+            num_branches,
+            layout.rows,
+            num_classes,
+            options.ignore_index,
+            float(options.temperature),
+            float(options.label_smoothing),
+            float(options.ce_weight),
+            float(options.kd_weight),
+            float(options.teacher_ce_weight),
+            BLOCK_K=block_k,
+            BLOCK_C=block_c,
+            TB=tb,
+            TEACHER_MODE=layout.mode,
+            PEER=peer,
+            DETACH_MASK=detach_mask,
+            HAS_KD=has_kd,
+            HAS_KDW=kd_weight is not None,
+            TCE_MASK=tce_mask,
+            TEACHER_GRAD=teacher_grad,
+            MEAN=options.reduction == "mean",
+            WRITE_GZ=need_z,
+            WRITE_GT=need_t,
+            WRITE_GW=need_w,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            num_warps=num_warps,
+        )
+    if gw is not None:
+        constant = (teacher_weights.dim() == 2 and layout.rows > 1) or teacher_weights.shape[0] == 1
+        gw = (gw.sum(0) if constant else gw).reshape(teacher_weights.shape).to(teacher_weights.dtype)
+    return gz, gt, gw

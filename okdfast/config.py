@@ -19,7 +19,7 @@ class TrainConfig:
     # what is trained
     method: str = "mde"  # baseline | independent | dml | one | cl_ilr | okddip | mde
     arch: str = "resnet32"  # resnet8/20/32/56/110, wrn20_8, vgg16, densenet40_12 (see --list-archs)
-    branches: int | None = None  # K; None: the method's default (3; okddip 4; baseline 1)
+    branches: int | None = None  # K; None: the method's default (3; okddip and mde 4 = 3 auxiliaries + leader)
     # data
     dataset: str = "cifar100"  # cifar10 | cifar100 | cinic10 | synthetic
     data_dir: str | None = None  # default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data
@@ -44,10 +44,12 @@ class TrainConfig:
     alpha: float = 1.0
     rampup_epochs: float | None = None  # L of w(e); None: 80 epochs per 300 (scaled to --epochs)
     detach_teacher: bool | None = None  # None: each method's reference-code default
-    cd_weight: float = 1.0  # lambda_CD of mde
+    cd_weight: float | None = None  # lambda_CD of mde; None: the --cd-form's default (frobenius 5e-8)
+    cd_form: str = "frobenius"  # frobenius | abscos | cos2: the CD loss of mde (docs/METHOD.md section 3)
+    ffm: str = "on"  # on | off: mde's FFM target (off: the mean of the auxiliary branches, an ablation)
+    target_ce: float = 1.0  # weight of CE(target, y) in mde's loss (0 drops the term)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # auto | on | off: fused Triton loss (CUDA) or the PyTorch reference
-    fused_ffm: str = "auto"  # auto | on | off: MDE's fused FFM attention op (Triton on CUDA) or the eager module
     # speed (None: the device's default, see resolve_speed_defaults: the fast settings on CUDA, what helps on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str | None = None  # off | bf16 | fp16 | auto (bare --amp): bf16 where supported, else fp16 + GradScaler
@@ -101,8 +103,16 @@ class TrainConfig:
             bad("nan_check_every", self.nan_check_every, "must be >= 1")
         if self.fused_loss not in ("auto", "on", "off"):
             bad("fused_loss", self.fused_loss, "use auto, on or off")
-        if self.fused_ffm not in ("auto", "on", "off"):
-            bad("fused_ffm", self.fused_ffm, "use auto, on or off")
+        from okdfast.ops.classifier_diversity import CD_FORMS
+
+        if self.cd_form not in CD_FORMS:
+            bad("cd_form", self.cd_form, f"use {', '.join(CD_FORMS)}")
+        if self.cd_weight is not None and not self.cd_weight >= 0:
+            bad("cd_weight", self.cd_weight, "must be >= 0 (0 turns the CD loss off)")
+        if self.ffm not in ("on", "off"):
+            bad("ffm", self.ffm, "use on (the FFM target) or off (the mean of the auxiliary branches)")
+        if not self.target_ce >= 0:
+            bad("target_ce", self.target_ce, "must be >= 0 (0 drops CE(target, y))")
         if self.tensorboard:
             from okdfast.utils.tensorboard import INSTALL_HINT, tensorboard_available
 
@@ -184,7 +194,11 @@ _HELP = {
     "(the reference in plain PyTorch)",
     "optimizer_impl": "SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | for-loop",
     "nan_check_every": "optimizer steps between host-side checks of the non-finite-loss guard (each check syncs)",
-    "fused_ffm": "MDE's FFM attention: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off (eager)",
+    "cd_weight": "lambda_CD, the weight of mde's CD loss (default: the --cd-form's, frobenius 5e-8; 0 turns it off)",
+    "cd_form": "mde's Classifier Diversification loss over pairs of auxiliary classifiers: frobenius "
+    "(sum ||W_i^T W_j||_F) | abscos (mean |cos|) | cos2 (mean cos^2); docs/METHOD.md section 3",
+    "ffm": "mde's Feature Fusion Module: on (attention target) | off (target = mean of the auxiliary branches)",
+    "target_ce": "weight of CE(target, y), the FFM target's own cross-entropy in mde's loss",
 }
 
 

@@ -57,18 +57,18 @@ class TrainStep:
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
-    def forward_loss(self, images: Tensor, target: Tensor, kd_scale: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_loss(self, images: Tensor, target: Tensor, kd_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.autocast():
             output = self.model(images)
-            return self.method.loss(output, target, kd_scale)
+            return self.method.loss(output, target, kd_weight)
 
-    def __call__(self, images: Tensor, target: Tensor, kd_scale: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, images: Tensor, target: Tensor, kd_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         static = self.full_batch is None or images.shape[0] == self.full_batch
         if self.cuda_graphs:
             # A graph replays into the same output buffers: clone what outlives the step.
             torch.compiler.cudagraph_mark_step_begin()
         forward_loss = self._forward_loss_fast if static or not self.cuda_graphs else self.forward_loss
-        total, terms = forward_loss(images, target, kd_scale)
+        total, terms = forward_loss(images, target, kd_weight)
         self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         if self.scaler is not None:
             self.scaler.scale(total).backward()

@@ -67,9 +67,11 @@ def method_config(config: TrainConfig) -> MethodConfig:
         rampup_epochs=config.resolved_rampup(),
         detach_teacher=config.detach_teacher,
         cd_weight=config.cd_weight,
+        cd_form=config.cd_form,
+        ffm=config.ffm == "on",
+        target_ce=config.target_ce,
         label_smoothing=config.label_smoothing,
         fused_loss=config.fused_loss,
-        fused_ffm=config.fused_ffm,
     )
 
 
@@ -140,6 +142,7 @@ def checkpoint_payload(
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
+        "layout_version": method.layout_version,
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -168,6 +171,7 @@ def restore_checkpoint(
     payload = safe_load(path, map_location=device)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--resume {path}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}")
+    type(method).check_layout(payload.get("layout_version"), f"--resume {path}")
     method.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -207,7 +211,7 @@ def train_one_epoch(
     *,
     config: TrainConfig,
     device: torch.device,
-    kd_scale: float,
+    kd_weight: float,
     stop: StopRequested,
     guard: NonFiniteGuard,
     dist_info: DistInfo,
@@ -224,7 +228,7 @@ def train_one_epoch(
     if state.step_in_epoch:  # mid-epoch resume: the order of epoch e is a pure function of (seed, e)
         batches = islice(batches, state.step_in_epoch, None)
     bar = _progress(batches, len(loader) - state.step_in_epoch, show_progress, f"epoch {state.epoch}")
-    kd_scale_t = torch.tensor(kd_scale, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
+    kd_weight_t = torch.tensor(kd_weight, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
     scaler = step.scaler
     start = time.perf_counter()
     interrupted = False
@@ -234,7 +238,7 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
         scale_before = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
-        total, terms = step(images, target, kd_scale_t)
+        total, terms = step(images, target, kd_weight_t)
         terms = {"loss": total.detach(), **terms}
         guard.record(state.global_step, terms)
         if scale_before is not None:
@@ -428,7 +432,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         while state.epoch < config.epochs:
             epoch = state.epoch
             train_loader.set_epoch(epoch)
-            kd_scale = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
+            kd_weight = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
             lr = float(optimizer.param_groups[0]["lr"])
             sums, images, seconds, interrupted = train_one_epoch(
                 step,
@@ -436,7 +440,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
                 state,
                 config=config,
                 device=device,
-                kd_scale=kd_scale,
+                kd_weight=kd_weight,
                 stop=stop,
                 guard=guard,
                 dist_info=dist_info,
@@ -460,7 +464,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
             test_metrics = evaluate(method, test_loader, device, autocast=autocast, channels_last=config.channels_last)
             steps = max(sums.pop("steps", 0.0), 1.0)
-            row: dict[str, Any] = {"epoch": epoch, "lr": lr, "kd_scale": kd_scale, "partial": not epoch_done}
+            row: dict[str, Any] = {"epoch": epoch, "lr": lr, "kd_weight": kd_weight, "partial": not epoch_done}
             row |= {f"train_{name}": value / steps for name, value in sums.items()}
             row |= {"images_per_sec": images / max(seconds, 1e-9), "epoch_seconds": seconds}
             row |= test_metrics
@@ -543,7 +547,7 @@ def format_row(row: dict[str, Any], method: Method) -> str:
     parts += [f"branch-mean {row['acc_branch_mean']:.2f}%"]
     if "acc_ensemble" in row:
         parts.append(f"ensemble {row['acc_ensemble']:.2f}%")
-    if method.has_head:
+    if method.head_name:
         parts.append(f"{method.head_name} {row[f'acc_{method.head_name}']:.2f}%")
     if "disagreement" in row:
         parts.append(f"disagree {row['disagreement']:.3f}")
@@ -565,6 +569,7 @@ def build_eval_from_checkpoint(
         splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
     )
     method = create_method(config.method, config.arch, splits.num_classes, method_config(config)).to(torch_device)
+    type(method).check_layout(payload.get("layout_version"), checkpoint)
     method.load_state_dict(payload["model"])
     return evaluate(method, test_loader, torch_device)
 

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
-from okdfast.functional import classifier_diversity_loss, online_kd_loss
+from okdfast.functional import classifier_diversity_loss
+from okdfast.ops.online_kd import online_kd
+from okdfast.ops.online_kd_options import OnlineKDOptions
 
 
 class OnlineKDLoss(nn.Module):
-    """``OnlineKDLoss(**kwargs)(logits (B, K, C), target (B,), teacher=None)``: see
-    :func:`okdfast.functional.online_kd_loss` for the equation, the arguments and what each reduction divides by.
+    """``OnlineKDLoss(**options)(logits (B, K, C), target (B,), teacher=None, *, teacher_weights=None)``: the
+    options are the keywords of :func:`okdfast.functional.online_kd_loss` (the fields of ``OnlineKDOptions``),
+    checked once here; see that function for the equation and what each reduction divides by.
 
     Example (a K-head model; the teacher is the mean of the heads, detached)::
 
@@ -18,65 +23,30 @@ class OnlineKDLoss(nn.Module):
         loss = criterion(torch.stack([head(x) for head in heads], dim=1), y)
     """
 
-    def __init__(
-        self,
-        *,
-        mode: str = "ensemble",
-        temperature: float = 3.0,
-        ce_weight: float = 1.0,
-        kd_weight: float = 1.0,
-        teacher_ce_weight: float = 0.0,
-        detach_teacher: bool = True,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-    ) -> None:
+    def __init__(self, **options) -> None:
         super().__init__()
-        self.mode = mode
-        self.temperature = temperature
-        self.ce_weight = ce_weight
-        self.kd_weight = kd_weight
-        self.teacher_ce_weight = teacher_ce_weight
-        self.detach_teacher = detach_teacher
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.options = OnlineKDOptions(**options)
 
-    def forward(self, logits: Tensor, target: Tensor, teacher: Tensor | None = None) -> Tensor:
-        return online_kd_loss(
-            logits,
-            target,
-            teacher,
-            mode=self.mode,
-            temperature=self.temperature,
-            ce_weight=self.ce_weight,
-            kd_weight=self.kd_weight,
-            teacher_ce_weight=self.teacher_ce_weight,
-            detach_teacher=self.detach_teacher,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
+    def forward(
+        self, logits: Tensor, target: Tensor, teacher: Tensor | None = None, *, teacher_weights: Tensor | None = None
+    ) -> Tensor:
+        return online_kd(logits, target, teacher, teacher_weights, self.options)[0]
 
     def extra_repr(self) -> str:
-        return (
-            f"mode={self.mode!r}, temperature={self.temperature}, ce_weight={self.ce_weight}, "
-            f"kd_weight={self.kd_weight}, teacher_ce_weight={self.teacher_ce_weight}, "
-            f"detach_teacher={self.detach_teacher}, label_smoothing={self.label_smoothing}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        )
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
 
 
 class ClassifierDiversityLoss(nn.Module):
-    """``ClassifierDiversityLoss(eps=1e-8)(weights (K, C, D))``: the mean squared cosine similarity of the branch
-    classifiers' per-class weight vectors (:func:`okdfast.functional.classifier_diversity_loss`)."""
+    """``ClassifierDiversityLoss(form='frobenius', eps=1e-8)(weights (M, C, D))``: MDE's CD loss
+    (:func:`okdfast.functional.classifier_diversity_loss`)."""
 
-    def __init__(self, *, eps: float = 1e-8) -> None:
+    def __init__(self, form: str = "frobenius", *, eps: float = 1e-8) -> None:
         super().__init__()
+        self.form = form
         self.eps = eps
 
     def forward(self, weights: Tensor) -> Tensor:
-        return classifier_diversity_loss(weights, eps=self.eps)
+        return classifier_diversity_loss(weights, self.form, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}"
+        return f"form={self.form!r}, eps={self.eps}"

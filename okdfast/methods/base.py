@@ -1,7 +1,9 @@
 """What every method shares: its output, its loss terms, the ramp-up, and the online-KD loss composition.
 
 A method is an ``nn.Module`` that owns the network (and any gate / FFM / attention head) and knows what is trained
-against what: ``forward(images) -> MethodOutput`` and ``loss(output, target, kd_scale) -> LossTerms``.
+against what: ``forward(images) -> MethodOutput`` and ``loss(output, target, kd_weight) -> LossTerms``. Every
+method expresses its teachers as weights over the branches, so the whole CE + KL part of its loss is one call of
+the fused op (``okdfast.ops.online_kd``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from okdfast.ops.classifier_diversity import CD_DEFAULT_WEIGHTS, CD_FORMS
 from okdfast.ops.dispatch import fused_enabled
-from okdfast.ops.online_kd import online_kd_loss_and_terms
-from okdfast.ops.reference import online_kd_rows_reference
+from okdfast.ops.online_kd import online_kd
+from okdfast.ops.online_kd_options import OnlineKDOptions
 
 
 class MethodOutput(NamedTuple):
     logits: Tensor  # (B, K, C) branch logits
-    teacher: Tensor | None = None  # (B, C) shared or (B, K, C) per-branch KD targets; None: nothing distilled
-    head: Tensor | None = None  # (B, C) logits of the method's own ensemble head (gate/FFM teacher, leader)
-    attention: Tensor | None = None  # (B, K) weights over branches (gate / FFM), for logging
+    teacher_weights: Tensor | None = None  # W over the branches: (B, K) shared, (B, K, K) | (1, K, K) per branch
+    attention: Tensor | None = None  # (B, K') weights of the method's attention (gate / FFM), for logging
 
 
 class LossTerms(NamedTuple):
@@ -32,17 +34,19 @@ class LossTerms(NamedTuple):
 
 @dataclass
 class MethodConfig:
-    """Hyper-parameters of the online-KD methods (METHOD.md sections 2-4)."""
+    """Hyper-parameters of the online-KD methods (docs/METHOD.md sections 2-4)."""
 
     num_branches: int = 3
     temperature: float = 3.0  # T
     alpha: float = 1.0  # weight of the KD terms after ramp-up
     rampup_epochs: float = 80.0  # L of the sigmoid ramp-up w(e)
     detach_teacher: bool | None = None  # None: the method's reference-code default
-    cd_weight: float = 1.0  # lambda_CD of MDE (our choice: the paper text giving it was not reachable)
+    cd_weight: float | None = None  # lambda_CD of MDE; None: the form's default (CD_DEFAULT_WEIGHTS)
+    cd_form: str = "frobenius"  # MDE's CD loss: frobenius | abscos | cos2
+    ffm: bool = True  # MDE: the FFM target (False: the mean of the auxiliary branches)
+    target_ce: float = 1.0  # MDE: weight of CE(target, y)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # 'auto' | 'on' | 'off': the fused Triton op or the PyTorch reference
-    fused_ffm: str = "auto"  # 'auto' | 'on' | 'off': MDE's fused FFM op (Triton on CUDA) or the eager module
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_branches <= 8:
@@ -53,6 +57,17 @@ class MethodConfig:
             raise ValueError(f"rampup_epochs={self.rampup_epochs}: must be >= 0")
         if self.fused_loss not in ("auto", "on", "off"):
             raise ValueError(f"fused_loss={self.fused_loss!r}: use 'auto', 'on' or 'off'")
+        if self.cd_form not in CD_FORMS:
+            raise ValueError(f"cd_form={self.cd_form!r}: use one of {', '.join(CD_FORMS)}")
+        if self.cd_weight is not None and not self.cd_weight >= 0:
+            raise ValueError(f"cd_weight={self.cd_weight}: must be >= 0")
+        if not self.target_ce >= 0:
+            raise ValueError(f"target_ce={self.target_ce}: must be >= 0")
+
+    @property
+    def resolved_cd_weight(self) -> float:
+        """lambda_CD: --cd-weight, or the default of --cd-form."""
+        return CD_DEFAULT_WEIGHTS[self.cd_form] if self.cd_weight is None else float(self.cd_weight)
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:
@@ -64,11 +79,18 @@ def sigmoid_rampup(epoch: float, length: float) -> float:
 
 
 class Method(nn.Module):
-    """Base class: subclasses set ``name``, build their network in ``__init__`` and implement forward/loss."""
+    """Base class: subclasses set ``name``, build their network in ``__init__`` and implement forward/loss.
+
+    Evaluation (okdfast.evaluate) reads every branch, their mean and their ensemble for every method, plus the
+    method's own heads (:meth:`heads`), e.g. ONE's gate ensemble or a two-level method's leader. ``head_name`` is
+    the head a results table reports as the method's own model; ``aux_branches`` the branches whose mean, ensemble
+    and diversity a two-level method reports apart from its leader (None: no such split).
+    """
 
     name: str = ""
-    has_head: bool = False  # True when MethodOutput.head is filled (evaluated as its own classifier)
-    head_name: str = "head"  # what the head is called in metrics: 'gate', 'ffm', 'leader'
+    head_name: str | None = None  # the head a table reports: 'gate' (ONE), 'leader' (OKDDip, MDE); None: none
+    aux_branches: int | None = None  # K-1 auxiliary branches before one leader (OKDDip, MDE); None: no leader
+    layout_version: int = 1  # bumped when the method's parameters change meaning (old checkpoints are refused)
     default_branches: int = 3
     min_branches: int = 2
     max_branches: int = 8
@@ -84,69 +106,71 @@ class Method(nn.Module):
     def forward(self, images: Tensor) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float | Tensor) -> LossTerms:  # pragma: no cover
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:  # pragma: no cover
         raise NotImplementedError
+
+    def heads(self, output: MethodOutput) -> dict[str, Tensor]:
+        """The method's own classifiers besides the branches, (B, C) logits by name (evaluated on the test set)."""
+        return {}
 
     def online_kd(
         self,
-        logits: Tensor,
+        output: MethodOutput,
         target: Tensor,
-        teacher: Tensor | None = None,
+        kd_weight: Tensor | float,
         *,
-        kd_scale: float | Tensor,
         mode: str = "ensemble",
         detach_default: bool = True,
         teacher_ce_weight: float = 0.0,
+        teacher_ce_rows: tuple[int, ...] | None = None,
+        detached_teacher_rows: tuple[int, ...] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """sum_k CE(z_k, y) + teacher_ce_weight * CE(t, y) + kd_scale * T^2 sum_k KD_k, batch-mean (METHOD.md).
+        """sum_k CE(z_k, y) + teacher_ce_weight * CE(t, y) + kd_weight * T^2 sum_k KD_k, batch-mean (METHOD.md),
+        with the teacher given as ``output.teacher_weights`` over the branches: one op call for all of it.
 
-        ``detach_default`` is the method's reference-code choice for the KL target; ``--detach-teacher`` overrides
-        it. Returns the differentiable total and the detached, unweighted per-term means for logging.
-        ``--fused-loss`` (MethodConfig.fused_loss) picks the fused op ``okdfast::online_kd_loss`` (one pass, the
-        logging terms from the same pass) or the PyTorch reference; 'auto' fuses where the Triton kernel runs.
+        ``kd_weight`` is alpha * w(e) (a device tensor from the train loop: no recompile per epoch; a float 0.0
+        leaves the KD term out). ``detach_default`` is the method's reference-code choice for the KL target;
+        ``--detach-teacher`` overrides it. ``detached_teacher_rows``: teacher rows whose KL target is always detached
+        (MDE's leader target). ``--fused-loss`` (MethodConfig.fused_loss) picks the Triton kernels or
+        the PyTorch reference ('auto': the kernels where they run). Returns the differentiable total and the
+        detached, unweighted per-term means for logging.
         """
         detach = detach_default if self.config.detach_teacher is None else self.config.detach_teacher
-        # a tensor kd_scale (the train loop passes one: no recompile per epoch) is never compared on the host
-        with_kd = isinstance(kd_scale, Tensor) or kd_scale != 0.0
-        if logits.shape[1] >= 2 and fused_enabled(self.config.fused_loss, logits):
-            total, rows = online_kd_loss_and_terms(
-                logits,
-                target,
-                teacher,
-                mode=mode,
-                temperature=self.config.temperature,
-                kd_weight=kd_scale if with_kd else 0.0,
-                teacher_ce_weight=teacher_ce_weight,
-                detach_teacher=detach,
-                label_smoothing=self.config.label_smoothing,
-            )
-            terms = {"ce": rows.ce.mean()}
-            if teacher_ce_weight != 0.0:
-                terms["teacher_ce"] = rows.teacher_ce.mean()
-            if with_kd:
-                terms["kd"] = rows.kd.mean()
-            return total, terms
-        rows = online_kd_rows_reference(
-            logits,
-            target,
-            teacher,
+        weight_tensor = kd_weight if isinstance(kd_weight, Tensor) else None
+        with_kd = weight_tensor is not None or kd_weight != 0.0
+        options = OnlineKDOptions(
             mode=mode,
             temperature=self.config.temperature,
+            kd_weight=1.0 if weight_tensor is not None else float(kd_weight),
+            teacher_ce_weight=teacher_ce_weight,
+            teacher_ce_rows=teacher_ce_rows,
             detach_teacher=detach,
+            detached_teacher_rows=detached_teacher_rows,
             label_smoothing=self.config.label_smoothing,
         )
-        ce = rows.ce.mean()
-        terms = {"ce": ce.detach()}
-        total = ce
+        kernel = fused_enabled(self.config.fused_loss, output.logits)
+        total, parts = online_kd(
+            output.logits, target, None, output.teacher_weights, options, weight_tensor, kernel=kernel
+        )
+        terms = {"ce": parts.ce}
         if teacher_ce_weight != 0.0:
-            teacher_ce = rows.teacher_ce.mean()
-            total = total + teacher_ce_weight * teacher_ce
-            terms["teacher_ce"] = teacher_ce.detach()
+            terms["teacher_ce"] = parts.teacher_ce
         if with_kd:
-            kd = rows.kd.mean()
-            total = total + kd_scale * kd
-            terms["kd"] = kd.detach()
+            terms["kd"] = parts.kd
         return total, terms
+
+    @classmethod
+    def check_layout(cls, version: int | None, where: str) -> None:
+        """Refuse a checkpoint written by an earlier layout of this method (``version``: what it recorded; None
+        for checkpoints from before layouts were recorded, i.e. version 1) with one line naming the change."""
+        version = 1 if version is None else version
+        if version != cls.layout_version:
+            raise ValueError(
+                f"{where}: written by layout {version} of method {cls.name!r}, this okdfast builds layout "
+                f"{cls.layout_version} ({cls.layout_change}); its weights do not fit: train it again"
+            )
+
+    layout_change: str = ""  # what the current layout_version changed, for the message above
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> MethodOutput:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
@@ -25,5 +26,6 @@ class Baseline(Method):
     def forward(self, images: Tensor) -> MethodOutput:
         return MethodOutput(self.net(images).logits)
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(*self.online_kd(output.logits, target, kd_scale=0.0))
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
+        ce = F.cross_entropy(output.logits[:, 0].float(), target, label_smoothing=self.config.label_smoothing)
+        return LossTerms(ce, {"ce": ce.detach()})

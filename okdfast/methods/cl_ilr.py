@@ -15,6 +15,7 @@ soft-target and label losses with a weight beta; we use METHOD.md's alpha * w(e)
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
@@ -22,10 +23,10 @@ from okdfast.methods.registry import register_method
 from okdfast.models import MultiBranchNet
 
 
-def mean_of_other_branches(logits: Tensor) -> Tensor:
-    """(B, K, C) -> (B, K, C) whose k-th row is (1/(K-1)) sum_{j != k} z_j."""
-    num_branches = logits.shape[1]
-    return (logits.sum(dim=1, keepdim=True) - logits) / (num_branches - 1)
+def mean_of_others_weights(num_branches: int) -> Tensor:
+    """(1, K, K) constant teacher weights: row k is 1/(K-1) on every branch j != k, 0 on k itself."""
+    eye = torch.eye(num_branches)
+    return ((1.0 - eye) / (num_branches - 1)).unsqueeze(0)
 
 
 @register_method
@@ -36,12 +37,10 @@ class CLILR(Method):
         super().__init__(arch, num_classes, config)
         self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches)
         self.net.trunk_grad_scale = 1.0 / config.num_branches  # ILR
+        self.register_buffer("teacher_weights", mean_of_others_weights(config.num_branches), persistent=False)
 
     def forward(self, images: Tensor) -> MethodOutput:
-        logits = self.net(images).logits
-        return MethodOutput(logits, teacher=mean_of_other_branches(logits))
+        return MethodOutput(self.net(images).logits, teacher_weights=self.teacher_weights)
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(
-            *self.online_kd(output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False)
-        )
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
+        return LossTerms(*self.online_kd(output, target, kd_weight, detach_default=False))

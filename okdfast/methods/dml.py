@@ -29,5 +29,5 @@ class DML(Method):
     def forward(self, images: Tensor) -> MethodOutput:
         return MethodOutput(self.net(images).logits)
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(*self.online_kd(output.logits, target, kd_scale=kd_scale, mode="peer", detach_default=True))
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
+        return LossTerms(*self.online_kd(output, target, kd_weight, mode="peer", detach_default=True))

@@ -23,5 +23,5 @@ class Independent(Method):
     def forward(self, images: Tensor) -> MethodOutput:
         return MethodOutput(self.net(images).logits)
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(*self.online_kd(output.logits, target, kd_scale=0.0))
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
+        return LossTerms(*self.online_kd(output, target, 0.0))

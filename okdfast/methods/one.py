@@ -36,8 +36,7 @@ class BranchGate(nn.Module):
 @register_method
 class ONE(Method):
     name = "one"
-    has_head = True
-    head_name = "gate"
+    head_name = "gate"  # the gate-weighted ensemble t = sum_k g_k z_k
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
@@ -46,13 +45,11 @@ class ONE(Method):
 
     def forward(self, images: Tensor) -> MethodOutput:
         out = self.net(images)
-        weights = self.gate(out.trunk)
-        teacher = torch.einsum("bk,bkc->bc", weights, out.logits)
-        return MethodOutput(out.logits, teacher=teacher, head=teacher, attention=weights)
+        gate = self.gate(out.trunk)  # (B, K): one shared teacher, formed by the loss op from the logits
+        return MethodOutput(out.logits, teacher_weights=gate, attention=gate)
 
-    def loss(self, output: MethodOutput, target: Tensor, kd_scale: float) -> LossTerms:
-        return LossTerms(
-            *self.online_kd(
-                output.logits, target, output.teacher, kd_scale=kd_scale, detach_default=False, teacher_ce_weight=1.0
-            )
-        )
+    def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
+        return LossTerms(*self.online_kd(output, target, kd_weight, detach_default=False, teacher_ce_weight=1.0))
+
+    def heads(self, output: MethodOutput) -> dict[str, Tensor]:
+        return {"gate": torch.einsum("bk,bkc->bc", output.teacher_weights.to(output.logits.dtype), output.logits)}

@@ -1,8 +1,10 @@
 """The multi-branch network (METHOD.md section 1): one shared trunk + K branches (ONE), or K whole networks (DML).
 
 ``MultiBranchNet(arch, num_classes, K)`` returns, for images (B, 3, 32, 32), a :class:`BranchOutput` with the
-branch logits stacked once into (B, K, C), the last-block features into (B, K, D, H, W), and the shared trunk
-output (what ONE's gate pools) or None. ``K = 1`` with a shared trunk is the plain single network (baseline).
+branch logits stacked once into (B, K, C), the pooled last-block features into (B, K, D) (what MDE's FFM and
+OKDDip's attention read; pooling is linear, so the FFM's "sum of the maps, then pool" equals the sum of these),
+and the shared trunk output (what ONE's gate pools) or None. No (B, K, D, H, W) stack of feature maps is built.
+``K = 1`` with a shared trunk is the plain single network (baseline).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ MAX_BRANCHES = 8
 
 class BranchOutput(NamedTuple):
     logits: Tensor  # (B, K, C)
-    features: Tensor  # (B, K, D, H, W) last-block features of every branch
+    pooled: Tensor  # (B, K, D) pooled last-block features of every branch (the input of its classifier head)
     trunk: Tensor | None  # (B, Ct, Ht, Wt) shared trunk output; None when not shared (DML)
 
 
@@ -73,7 +75,7 @@ class MultiBranchNet(nn.Module):
             self.branches = nn.ModuleList(p.make_branch() for p in all_parts)
 
     def forward(self, x: Tensor) -> BranchOutput:
-        """images (B, 3, 32, 32) -> BranchOutput(logits (B, K, C), features (B, K, D, H, W), trunk or None)."""
+        """images (B, 3, 32, 32) -> BranchOutput(logits (B, K, C), pooled (B, K, D), trunk or None)."""
         if self.trunk is not None:
             shared = self.trunk(x)
             if self.trunk_grad_scale != 1.0:
@@ -82,13 +84,15 @@ class MultiBranchNet(nn.Module):
         else:
             shared = None
             outs = [branch(trunk(x)) for trunk, branch in zip(self.trunks, self.branches)]
-        features = torch.stack([f for f, _ in outs], dim=1)
+        pooled = torch.stack([s for s, _ in outs], dim=1)
         logits = torch.stack([z for _, z in outs], dim=1)
-        return BranchOutput(logits, features, shared)
+        return BranchOutput(logits, pooled, shared)
 
-    def classifier_weights(self) -> Tensor:
-        """(K, C, D_pool): every branch's final ``classifier.weight``, stacked (differentiable, for the CD loss)."""
-        return torch.stack([branch.classifier.weight for branch in self.branches])
+    def classifier_weights(self, branches: slice | None = None) -> Tensor:
+        """(K', C, D_head): the final ``classifier.weight`` of the branches in ``branches`` (all by default),
+        stacked (differentiable, for the CD loss; MDE passes the auxiliary branches only)."""
+        chosen = self.branches if branches is None else self.branches[branches]
+        return torch.stack([branch.classifier.weight for branch in chosen])
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_branches={self.num_branches}, shared_trunk={self.shared_trunk}"

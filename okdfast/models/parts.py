@@ -30,9 +30,10 @@ class GlobalMaxPool(nn.Module):
 class Branch(nn.Module):
     """One branch: ``body`` (trunk output -> last-block features) then pool (+ head) + ``classifier``.
 
-    ``forward(x)`` returns ``(features (B, D, H, W), logits (B, C))``; ``classify(features)`` maps features to
-    logits, so a caller that changes the features (e.g. a fusion module) can reuse the branch's head.
-    ``classifier`` is always the final ``nn.Linear(D_pool -> C)``; the CD loss reads ``classifier.weight``.
+    ``forward(x)`` returns ``(pooled (B, D), logits (B, C))``: the pooled last-block feature s (what MDE's FFM and
+    OKDDip's attention read, METHOD.md section 3) and the branch logits. The (B, D, H, W) maps are never returned,
+    so nothing downstream keeps them alive. ``classifier`` is always the final ``nn.Linear(D_head -> C)``; the CD
+    loss reads ``classifier.weight``.
     """
 
     def __init__(
@@ -48,13 +49,9 @@ class Branch(nn.Module):
         self.head = head if head is not None else nn.Identity()  # extra layers between pool and classifier
         self.classifier = classifier
 
-    def classify(self, features: Tensor) -> Tensor:
-        """(B, D, H, W) last-block features -> (B, C) logits."""
-        return self.classifier(self.head(self.pool(features)))
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(x)
-        return features, self.classify(features)
+        pooled = self.pool(self.body(x))
+        return pooled, self.classifier(self.head(pooled))
 
 
 @dataclass

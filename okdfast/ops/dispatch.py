@@ -1,4 +1,4 @@
-"""What every fused op shares: when to run the Triton kernel, and the backward of a gradient saved by the forward.
+"""What every fused op shares: when to run the Triton kernel, and the refusal of double backward.
 
 When Triton runs (``use_triton``):
 - CUDA tensors: the Triton kernel, whenever ``triton`` is importable.
@@ -11,10 +11,8 @@ When Triton runs (``use_triton``):
 ``MethodConfig.fused_loss`` / ``--fused-loss`` (``fused_enabled``): 'on' always uses the op (on the CPU its PyTorch
 path), 'off' never (the reference), 'auto' uses it where the Triton kernel runs.
 
-Fused ops in the Liger style write their input gradients during the forward; the backward is then only
-``saved_grad * grad_output``: :func:`scale_saved_grad` (the op ``okdfast::scale_saved_grad``). It is a custom op of
-its own so that differentiating it again (double backward) raises a clear error instead of silently returning
-wrong second derivatives: these ops are once-differentiable; use ``okdfast.ops.reference`` for higher order.
+The fused ops are once-differentiable: their backward is a kernel, so differentiating it again (double backward)
+raises a clear error instead of silently returning wrong second derivatives (:func:`check_once_differentiable`).
 """
 
 from __future__ import annotations
@@ -68,29 +66,10 @@ def fused_enabled(mode: str, where: Tensor | torch.device | str) -> bool:
     return mode == "on"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the backward of a saved gradient
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("okdfast::scale_saved_grad", mutates_args=())
-def scale_saved_grad(grad_output: Tensor, saved_grad: Tensor) -> Tensor:
-    """``saved_grad * grad_output``: a scalar grad_output (reduction 'mean' / 'sum'), or a (B,) one (reduction
-    'none') that scales row b of ``saved_grad`` (B, ...). The result has ``saved_grad``'s dtype."""
-    if grad_output.dim() == 1:
-        grad_output = grad_output.view(-1, *([1] * (saved_grad.dim() - 1)))
-    return saved_grad * grad_output.to(saved_grad.dtype)
-
-
-@scale_saved_grad.register_fake
-def _(grad_output: Tensor, saved_grad: Tensor) -> Tensor:
-    return torch.empty_like(saved_grad)
-
-
 DOUBLE_BACKWARD_ERROR = (
-    "okdfast's fused losses are once-differentiable: their backward scales a gradient saved by the forward, so a "
-    "differentiable backward (create_graph=True, double backward) is not supported; use the references in "
-    "okdfast.ops.reference (or MethodConfig(fused_loss='off')) for higher-order gradients"
+    "okdfast's fused losses are once-differentiable: their backward is a Triton kernel, so a differentiable "
+    "backward (create_graph=True, double backward) is not supported; use the references in okdfast.ops.reference "
+    "(or MethodConfig(fused_loss='off')) for higher-order gradients"
 )
 
 
@@ -98,10 +77,3 @@ def check_once_differentiable() -> None:
     """Called first in every fused op's backward: grad mode is on there only under create_graph=True."""
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
-def _no_double_backward(ctx, grad: Tensor) -> tuple[None, None]:
-    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
-scale_saved_grad.register_autograd(_no_double_backward)

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-REDUCTIONS = ("mean", "sum", "none")
-KD_MODES = ("ensemble", "peer")
+from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms, teacher_weight_layout
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -74,160 +73,119 @@ def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
 
 
 class OnlineKDRows(NamedTuple):
-    """Unweighted per-row terms of the online-KD loss, float32, (B,) each; ``valid`` marks non-ignored rows."""
+    """Unweighted per-row terms of the online-KD loss, (B,) each; ``valid`` marks the non-ignored rows."""
 
     ce: Tensor  # sum_k CE_eps(z_bk, y_b)
-    teacher_ce: Tensor  # CE_eps(t_b, y_b)
+    teacher_ce: Tensor  # sum over the teacher rows in teacher_ce_rows of CE_eps(t_bt, y_b); 0 at teacher_ce_weight 0
     kd: Tensor  # T^2 * sum_k KD_bk
     valid: Tensor  # (B,) bool
 
-    def weighted(
-        self, ce_weight: float, teacher_ce_weight: float, kd_weight: float | Tensor, *, with_kd: bool
-    ) -> Tensor:
-        """L_b = ce_weight * CE + teacher_ce_weight * teacher CE [+ kd_weight * KD when ``with_kd``], per row; a
-        zero teacher-CE weight leaves that term out of the sum rather than multiplying it by 0."""
-        total = ce_weight * self.ce
-        if teacher_ce_weight != 0.0:
-            total = total + teacher_ce_weight * self.teacher_ce
-        if with_kd:
-            total = total + kd_weight * self.kd
-        return total
+
+def teacher_rows(logits: Tensor, teacher: Tensor | None, teacher_weights: Tensor | None) -> Tensor:
+    """The teachers as (B, Kt, C) rows in the compute dtype: Kt = 1 (one teacher shared by every branch) or K (one
+    per branch). From explicit ``teacher`` logits (B, C) | (B, K, C); from ``teacher_weights`` W over the branches,
+    t_k = sum_j W_kj z_j, with W (B, K) | (B, 1, K) shared, (B, K, K) | (K, K) | (1, K, K) per branch; or, with
+    neither, the mean of the K branches (Kt = 1)."""
+    z = upcast(logits)
+    batch, num_branches, _ = z.shape
+    if teacher is not None:
+        t = upcast(teacher)
+        return t.unsqueeze(1) if t.dim() == 2 else t
+    if teacher_weights is None:
+        return z.mean(dim=1, keepdim=True)
+    rows, _ = teacher_weight_layout(teacher_weights, batch, num_branches)
+    w = upcast(teacher_weights).to(z.dtype).reshape(-1, rows, num_branches).expand(batch, rows, num_branches)
+    return torch.einsum("btj,bjc->btc", w, z)
 
 
 def online_kd_rows_reference(
     logits: Tensor,
     target: Tensor,
     teacher: Tensor | None = None,
-    *,
-    mode: str = "ensemble",
-    temperature: float = 3.0,
-    detach_teacher: bool = True,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
+    teacher_weights: Tensor | None = None,
+    options: OnlineKDOptions = OnlineKDOptions(),
 ) -> OnlineKDRows:
-    """The three unweighted per-row terms of :func:`online_kd_loss_reference` (see there for the equations)."""
+    """The unweighted per-row terms of :func:`online_kd_reference` (see there for the equations)."""
     z = upcast(logits)
     num_branches = z.shape[1]
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    valid = target != options.ignore_index
+    label = torch.where(valid, target, torch.zeros_like(target))
+    eps, temp = options.label_smoothing, options.temperature
 
-    t = z.mean(dim=1) if teacher is None else upcast(teacher)
-    ce = smoothed_cross_entropy_rows(z, safe_target.unsqueeze(1).expand(-1, num_branches), label_smoothing).sum(1)
-    if t.dim() == 2:
-        teacher_ce = smoothed_cross_entropy_rows(t, safe_target, label_smoothing)
-    else:  # per-branch teachers: the sum over k of CE(t_k, y)
-        teacher_ce = smoothed_cross_entropy_rows(
-            t, safe_target.unsqueeze(1).expand(-1, num_branches), label_smoothing
-        ).sum(1)
-    if mode == "ensemble":
-        kd_target = t.detach() if detach_teacher else t
-        if kd_target.dim() == 2:
-            kd_target = kd_target.unsqueeze(1).expand_as(z)
-        kd = kl_rows(kd_target, z, temperature)
+    t = teacher_rows(logits, teacher, teacher_weights)  # (B, Kt, C)
+    ce = smoothed_cross_entropy_rows(z, label.unsqueeze(1).expand(-1, num_branches), eps).sum(1)
+    chosen = [r for r in range(t.shape[1]) if options.teacher_ce_mask(t.shape[1]) >> r & 1]  # none at weight 0
+    teacher_ce = smoothed_cross_entropy_rows(t[:, chosen], label.unsqueeze(1).expand(-1, len(chosen)), eps).sum(1)
+    if options.mode == "ensemble":
+        detached = torch.tensor([bool(options.detach_mask(t.shape[1]) >> r & 1) for r in range(t.shape[1])])
+        kd_target = torch.where(detached.to(t.device).view(1, -1, 1), t.detach(), t)
+        kd = kl_rows(kd_target.expand_as(z), z, temp)
     else:
-        kd = peer_kl_rows(z, temperature, detach_peers=detach_teacher)
-    return OnlineKDRows(ce, teacher_ce, temperature**2 * kd.sum(dim=1), valid)
+        kd = peer_kl_rows(z, temp, detach_peers=options.detach_teacher)
+    return OnlineKDRows(ce, teacher_ce, temp**2 * kd.sum(dim=1), valid)
 
 
-def online_kd_loss_reference(
+def online_kd_reference(
     logits: Tensor,
     target: Tensor,
     teacher: Tensor | None = None,
-    *,
-    mode: str = "ensemble",
-    temperature: float = 3.0,
-    ce_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    teacher_ce_weight: float = 0.0,
-    detach_teacher: bool = True,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> Tensor:
-    """The multi-branch online-KD loss, per row b (a sample whose label is not ``ignore_index``):
+    teacher_weights: Tensor | None = None,
+    options: OnlineKDOptions = OnlineKDOptions(),
+    kd_weight: Tensor | None = None,
+) -> tuple[Tensor, OnlineKDTerms]:
+    """The multi-branch online-KD loss and its logged terms. Per row b (a sample whose label is not ignore_index):
 
         L_b = ce_weight * sum_k CE_eps(z_bk, y_b)
-            + teacher_ce_weight * CE_eps(t_b, y_b)
+            + teacher_ce_weight * sum_{t in teacher_ce_rows} CE_eps(t_bt, y_b)
             + kd_weight * T^2 * sum_k KD_bk
 
-    with KD_bk = KL(p^T(t_bk) || p^T(z_bk)) in ``mode='ensemble'`` (t_bk = t_b for a shared (B, C) teacher, the
-    k-th row of a per-branch (B, K, C) teacher, or the mean of the K branch logits when ``teacher`` is None) and
-    KD_bk = (1/(K-1)) sum_{j != k} KL(p^T(z_bj) || p^T(z_bk)) in ``mode='peer'`` (DML).
-    ``detach_teacher`` stops the gradient into the KL targets (t, or z_j in peer mode); the teacher-CE term always
-    back-propagates into the teacher. With a per-branch teacher the teacher-CE term is sum_k CE_eps(t_bk, y_b).
+    with KD_bk = KL(p^T(t_bk) || p^T(z_bk)) in mode 'ensemble' (t_bk: the shared teacher, or branch k's own row;
+    :func:`teacher_rows`) and KD_bk = (1/(K-1)) sum_{j != k} KL(p^T(z_bj) || p^T(z_bk)) in mode 'peer' (DML).
+    ``detach_teacher`` stops the gradient into the KL targets (t, and through it W and the z_j it mixes; or z_j in
+    peer mode), ``detached_teacher_rows`` into those of the listed teacher rows only; the teacher-CE term always
+    back-propagates into the teacher. ``kd_weight``: an optional one-element
+    tensor that multiplies ``options.kd_weight`` (a ramp-up on the device; no gradient flows into it).
 
-    Reduction: 'mean' = sum_b L_b / (number of non-ignored rows), which is the 'batchmean' of METHOD.md when no
-    row is ignored; 'sum' = sum_b L_b; 'none' = (B,) with zeros at ignored rows.
-    Returns float32.
+    Reduction: 'mean' = sum_b L_b / (number of non-ignored rows), the 'batchmean' of the KD literature when no row is
+    ignored; 'sum' = sum_b L_b; 'none' = (B,) with zeros at ignored rows. Terms: each unweighted term averaged over
+    the non-ignored rows, detached. Float32 (float64 for float64 inputs).
     """
-    rows = online_kd_rows_reference(
-        logits,
-        target,
-        teacher,
-        mode=mode,
-        temperature=temperature,
-        detach_teacher=detach_teacher,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-    )
-    total = rows.weighted(ce_weight, teacher_ce_weight, kd_weight, with_kd=kd_weight != 0.0)
-    return reduce_rows(total, rows.valid, reduction)
+    rows = online_kd_rows_reference(logits, target, teacher, teacher_weights, options)
+    total = options.ce_weight * rows.ce
+    if options.teacher_ce_weight != 0.0:
+        total = total + options.teacher_ce_weight * rows.teacher_ce
+    if options.kd_weight != 0.0 or kd_weight is not None:
+        weight = options.kd_weight if kd_weight is None else options.kd_weight * kd_weight.detach().reshape(())
+        total = total + weight * rows.kd
+    loss = reduce_rows(total, rows.valid, options.reduction)
+    terms = OnlineKDTerms(*(reduce_rows(r.detach(), rows.valid, "mean") for r in (rows.ce, rows.teacher_ce, rows.kd)))
+    return loss, terms
 
 
-def classifier_diversity_loss_reference(weights: Tensor, *, eps: float = 1e-8) -> Tensor:
-    """Classifier Diversification (CD) loss on the branch classifiers' weights (MDE, METHOD.md section 3).
+CD_FORMS = ("frobenius", "abscos", "cos2")
 
-    weights (K, C, D): W_k of every branch classifier (any float dtype). For every class c the rows w_kc of the
-    K classifiers are L2-normalised; the loss is the squared cosine similarity averaged over the K(K-1)/2 branch
-    pairs (k < l) and the C classes:
 
-        L_CD = 2 / (K (K-1) C) * sum_{k<l} sum_c cos(w_kc, w_lc)^2          in [0, 1]
+def classifier_diversity_reference(weights: Tensor, form: str = "frobenius", *, eps: float = 1e-8) -> Tensor:
+    """MDE's Classifier Diversification (CD) loss over every pair i < j of classifiers (docs/METHOD.md section 3).
 
-    It is 0 when, for every class, the K branches' class vectors are mutually orthogonal, and it is invariant to
-    the scale of W (so weight decay and lambda_CD do not fight over the norm). Squared rather than signed so that
-    the minimum is "different" (orthogonal), not "opposite". Returns a float32 scalar.
-    See okdfast/methods/mde.py for why this form and what the paper text does and does not confirm.
+    weights (M, C, D): the weight matrices W_i of M >= 2 classifiers (MDE: the K-1 auxiliary branches' FCs; the
+    leader's never enters). ``form``:
+
+        frobenius   L = sum_{i<j} ||W_i^T W_j||_F                             (first third-party re-implementation;
+                                                                               asymmetric tri-training's term)
+        abscos      L = 2 / (M (M-1) C) sum_{i<j} sum_c |cos(w_ic, w_jc)|        (second re-implementation)
+        cos2        L = 2 / (M (M-1) C) sum_{i<j} sum_c cos(w_ic, w_jc)^2        (scale-free, in [0, 1])
+
+    w_ic is row c of W_i (class c's weight vector); cosines divide by max(norm, eps), as ``F.normalize`` does.
+    Returns a float32 scalar (float64 for float64 weights).
     """
-    w = F.normalize(upcast(weights), dim=-1, eps=eps)  # (K, C, D)
-    num_branches = w.shape[0]
-    cosine = torch.einsum("kcd,lcd->klc", w, w)  # (K, K, C)
-    first, second = torch.triu_indices(num_branches, num_branches, offset=1, device=w.device)
-    return cosine[first, second].square().mean()
-
-
-def ffm_attention_reference(
-    features: Tensor,
-    logits: Tensor,
-    fc1_weight: Tensor,
-    bn_weight: Tensor,
-    bn_bias: Tensor,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    *,
-    training: bool = True,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor]:
-    """The attention of MDE's Feature Fusion Module and the teacher it builds (okdfast/models/ffm.py, METHOD.md 3):
-
-        s = GAP(sum_k F_k)                   (B, D)   features (B, K, D, H, W): the branches' last-block features
-        h = ReLU(BN(s W1^T))                 (B, R)   fc1_weight (R, D), BatchNorm1d(R) (bn_weight, bn_bias)
-        a = softmax_k(h W2^T + b2)           (B, K)   fc2_weight (K, R), fc2_bias (K,)
-        t = sum_k a_k z_k                    (B, C)   logits z (B, K, C)
-
-    BatchNorm follows ``F.batch_norm``: ``training=True`` normalises with the batch statistics and, when the running
-    statistics are given, updates them in place (``momentum``; running_var gets the unbiased variance);
-    ``training=False`` uses the running statistics (required then). Returns (attention, teacher), computed in
-    float32, or float64 when an input is float64 (so that ``gradcheck`` can check the op against it).
-    """
-    dtype = torch.promote_types(torch.promote_types(features.dtype, logits.dtype), torch.float32)
-    s = features.to(dtype).sum(dim=1).mean(dim=(-2, -1))
-    u = s @ fc1_weight.to(dtype).t()
-    y = F.batch_norm(
-        u, running_mean, running_var, bn_weight.to(dtype), bn_bias.to(dtype), training, momentum, eps
-    )
-    attention = torch.softmax(torch.relu(y) @ fc2_weight.to(dtype).t() + fc2_bias.to(dtype), dim=-1)
-    teacher = torch.einsum("bk,bkc->bc", attention, logits.to(dtype))
-    return attention, teacher
+    w = upcast(weights)
+    first, second = torch.triu_indices(w.shape[0], w.shape[0], offset=1, device=w.device)
+    if form == "frobenius":
+        cross = torch.einsum("pcd,pce->pde", w[first], w[second])  # (pairs, D, D): W_i^T W_j
+        return torch.linalg.matrix_norm(cross).sum()
+    if form not in ("abscos", "cos2"):
+        raise ValueError(f"form={form!r}: use one of {', '.join(CD_FORMS)}")
+    unit = F.normalize(w, dim=-1, eps=eps)
+    cosine = (unit[first] * unit[second]).sum(dim=-1)  # (pairs, C)
+    return cosine.abs().mean() if form == "abscos" else cosine.square().mean()

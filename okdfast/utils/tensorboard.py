@@ -5,7 +5,7 @@ column of the per-epoch row becomes a scalar at step = epoch, grouped by what it
 
     train/<term>   the loss terms (train_loss, train_ce, train_kd, train_teacher_ce, train_cd, ...)
     test/<metric>  acc_branch_k, acc_branch_mean, acc_ensemble, acc_<head>, diversity_kl, disagreement, ce_ensemble
-    opt/<name>     lr, kd_scale
+    opt/<name>     lr, kd_weight
     speed/<name>   images_per_sec, epoch_seconds
 
 A resumed run reopens the writer with ``purge_step`` = the first epoch it will redo, so TensorBoard drops the
@@ -30,7 +30,7 @@ def scalar_tag(name: str) -> str | None:
         return f"train/{name[len('train_') :]}"
     if name.startswith("test_"):
         return f"test/{name[len('test_') :]}"
-    if name in ("lr", "kd_scale"):
+    if name in ("lr", "kd_weight"):
         return f"opt/{name}"
     if name in ("images_per_sec", "epoch_seconds"):
         return f"speed/{name}"
