@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from okdfast.models import MultiBranchNet
 from okdfast.ops.classifier_diversity import CD_DEFAULT_WEIGHTS, CD_FORMS
 from okdfast.ops.dispatch import fused_enabled
 from okdfast.ops.online_kd import online_kd
@@ -102,6 +103,10 @@ class Method(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         self.config = config
+
+    def build_net(self, shared_trunk: bool = True) -> MultiBranchNet:
+        """The method's K-branch network (okdfast/models/multibranch.py): every method builds it here."""
+        return MultiBranchNet(self.arch, self.num_classes, self.config.num_branches, shared_trunk=shared_trunk)
 
     def forward(self, images: Tensor) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -7,7 +7,6 @@ from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
 from okdfast.methods.registry import register_method
-from okdfast.models import MultiBranchNet
 
 
 @register_method
@@ -21,7 +20,7 @@ class Baseline(Method):
         if config.num_branches != 1:
             raise ValueError(f"method 'baseline' trains one network: use --branches 1, got {config.num_branches}")
         super().__init__(arch, num_classes, config)
-        self.net = MultiBranchNet(arch, num_classes, num_branches=1)
+        self.net = self.build_net()
 
     def forward(self, images: Tensor) -> MethodOutput:
         return MethodOutput(self.net(images).logits)

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
 from okdfast.methods.registry import register_method
-from okdfast.models import MultiBranchNet
 
 
 def mean_of_others_weights(num_branches: int) -> Tensor:
@@ -35,7 +34,7 @@ class CLILR(Method):
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
-        self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches)
+        self.net = self.build_net()
         self.net.trunk_grad_scale = 1.0 / config.num_branches  # ILR
         self.register_buffer("teacher_weights", mean_of_others_weights(config.num_branches), persistent=False)
 

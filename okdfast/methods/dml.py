@@ -15,7 +15,6 @@ from torch import Tensor
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
 from okdfast.methods.registry import register_method
-from okdfast.models import MultiBranchNet
 
 
 @register_method
@@ -24,7 +23,7 @@ class DML(Method):
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
-        self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches, shared_trunk=False)
+        self.net = self.build_net(shared_trunk=False)
 
     def forward(self, images: Tensor) -> MethodOutput:
         return MethodOutput(self.net(images).logits)

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from okdfast.methods.base import LossTerms, Method, MethodConfig, MethodOutput
 from okdfast.methods.registry import register_method
-from okdfast.models import MultiBranchNet
 
 
 class BranchGate(nn.Module):
@@ -40,7 +39,7 @@ class ONE(Method):
 
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
-        self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches)
+        self.net = self.build_net()
         self.gate = BranchGate(self.net.trunk_channels, config.num_branches)
 
     def forward(self, images: Tensor) -> MethodOutput:

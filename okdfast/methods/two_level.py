@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from okdfast.methods.base import Method, MethodConfig, MethodOutput
-from okdfast.models import MultiBranchNet
 
 
 class TwoLevelMethod(Method):
@@ -27,7 +26,7 @@ class TwoLevelMethod(Method):
     def __init__(self, arch: str, num_classes: int, config: MethodConfig) -> None:
         super().__init__(arch, num_classes, config)
         self.aux_branches = config.num_branches - 1
-        self.net = MultiBranchNet(arch, num_classes, num_branches=config.num_branches)
+        self.net = self.build_net()
         leader_row = F.pad(torch.full((1, 1, self.aux_branches), 1.0 / self.aux_branches), (0, 1))  # (1, 1, K)
         self.register_buffer("leader_row", leader_row, persistent=False)
 
