@@ -121,6 +121,15 @@ def _teacher_tile(
     return t
 
 
+@triton.jit
+def _widen(x, BLOCK_K: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
+    """[TB] -> [BLOCK_K]: a one-row teacher's value repeated (TB == 1), else x itself (TB == BLOCK_K)."""
+    if TB == 1:
+        return tl.zeros([BLOCK_K], ACC) + tl.sum(x, axis=0)
+    else:
+        return x
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # forward: the row's loss, terms and statistics
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,12 +183,13 @@ def _online_kd_fwd_kernel(
     z_rows = z_ptr + row * stride_zb + offs_k.to(tl.int64) * stride_zk  # [BLOCK_K]
     t_rows = t_ptr + row * stride_tb + offs_t.to(tl.int64) * stride_tk  # [TB]
     stats = stats_ptr + row * (7 * BLOCK_K) + offs_k  # [BLOCK_K] slot 0; slot s at + s * BLOCK_K
-    stats_t = stats_ptr + row * (7 * BLOCK_K) + offs_t
 
     y = tl.load(y_ptr + row * stride_y)
-    if y == ignore_index:  # ignored row: zero loss and terms (its gradient is zero too: the backward checks y)
+    if y == ignore_index:  # ignored row: zero loss, terms and statistics (the backward writes it zero gradients)
         tl.store(loss_ptr + row, 0.0)
         tl.store(terms_ptr + row * 3 + tl.arange(0, 4), tl.zeros([4], ACC), mask=tl.arange(0, 4) < 3)
+        for slot in tl.static_range(7):
+            tl.store(stats + slot * BLOCK_K, tl.zeros([BLOCK_K], ACC))
         return
 
     y_ok = (y >= 0) & (y < C)  # False only for an unchecked out-of-range label: the row becomes NaN below
@@ -296,9 +306,10 @@ def _online_kd_fwd_kernel(
     tl.store(stats + BLOCK_K, log_s1)
     tl.store(stats + 2 * BLOCK_K, log_st)
     tl.store(stats + 3 * BLOCK_K, tl.where(mask_k, kl, 0.0))
-    tl.store(stats_t + 4 * BLOCK_K, mt_ref)
-    tl.store(stats_t + 5 * BLOCK_K, log_s1_t)
-    tl.store(stats_t + 6 * BLOCK_K, log_st_t)
+    # teacher slots are written whole (a one-row teacher repeated), so every element of stats is defined
+    tl.store(stats + 4 * BLOCK_K, _widen(mt_ref, BLOCK_K, TB, ACC))
+    tl.store(stats + 5 * BLOCK_K, _widen(log_s1_t, BLOCK_K, TB, ACC))
+    tl.store(stats + 6 * BLOCK_K, _widen(log_st_t, BLOCK_K, TB, ACC))
 
 
 # ---------------------------------------------------------------------------------------------------------------

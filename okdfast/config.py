@@ -1,17 +1,26 @@
 """The training configuration: defaults are the paper's recipe (METHOD.md section 4); every field is a CLI flag
 (``--batch-size`` for ``batch_size``) and may also come from a YAML file (``--config run.yaml``). Precedence:
 command line > YAML > defaults. The resolved config is written to every run folder as ``config.yaml``.
+
+Every value is checked once, for its type and its range, by :meth:`TrainConfig.validate`, whether it came from a
+flag, from YAML or from a caller of :func:`okdfast.train.run`: ``epochs: 1.5``, ``nesterov: "no"`` or
+``--label-smoothing 2`` are refused with a :class:`~okdfast.errors.ConfigError` naming the value and the fix,
+before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from okdfast.errors import ConfigError
 
 
 @dataclass
@@ -66,7 +75,8 @@ class TrainConfig:
     resume: str | None = None  # PATH to last.pt/best.pt, or 'auto' (the run folder's last.pt if it exists)
     best_metric: str = "acc_branch_mean"  # which test metric picks best.pt
     max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests, benchmarks)
-    progress: str = "auto"  # auto | on | off: the tqdm bar (auto: only on a terminal)
+    progress: str = "auto"  # auto | on | off: the tqdm bar (auto: on a terminal; elsewhere a line every --log-every s)
+    log_every: float = 30.0  # seconds between progress lines in the log when no bar is shown (0: none)
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard)
 
     def resolved_milestones(self) -> list[int]:

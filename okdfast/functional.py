@@ -29,6 +29,7 @@ def online_kd_loss(
     teacher_ce_weight: float = 0.0,
     teacher_ce_rows: tuple[int, ...] | None = None,
     detach_teacher: bool = True,
+    detached_teacher_rows: tuple[int, ...] | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -55,6 +56,8 @@ def online_kd_loss(
             one target in rows 0..K-2, so it trains it once with (0,).
         detach_teacher: no gradient into the KL targets (t, and through it W and the z_j it mixes; or z_j in
             peer mode). The teacher-CE term always trains the teacher.
+        detached_teacher_rows: teacher rows whose KL target is detached even when ``detach_teacher`` is False
+            (MDE: the leader's target, so the second-level KL trains the leader only).
         label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
 
     Per non-ignored row b (y its label, CE_eps the label-smoothed cross-entropy, p^T(z) = softmax(z / T), t_bk the
@@ -86,6 +89,7 @@ def online_kd_loss(
         teacher_ce_weight=teacher_ce_weight,
         teacher_ce_rows=teacher_ce_rows,
         detach_teacher=detach_teacher,
+        detached_teacher_rows=detached_teacher_rows,
         label_smoothing=label_smoothing,
         ignore_index=ignore_index,
         reduction=reduction,

@@ -198,10 +198,9 @@ def test_output_shapes(arch, k, shared):
     net = create_model(arch, c, num_branches=k, shared_trunk=shared)
     with torch.no_grad():
         out = net(images())
-    d, h = net.feature_channels, net.feature_size
     assert isinstance(out, BranchOutput)
     assert out.logits.shape == (B, k, c)
-    assert out.features.shape == (B, k, d, h, h)
+    assert out.pooled.shape == (B, k, net.feature_channels)
     if shared:
         assert out.trunk is not None and out.trunk.shape[:2] == (B, net.trunk_channels)
         assert net.trunks is None and len(net.branches) == k
@@ -255,24 +254,24 @@ def test_split_is_one_constant(monkeypatch, module, constant, value, arch, trunk
     with torch.no_grad():
         out = net(images())
     assert out.trunk.shape[1] == trunk_channels
-    assert out.features.shape == (B, 2, net.feature_channels, net.feature_size, net.feature_size)
+    assert out.pooled.shape == (B, 2, net.feature_channels)
 
 
 def test_single_network_is_k1():
     net = create_model("resnet8", 10, num_branches=1)
     out = net(images())
-    assert out.logits.shape == (B, 1, 10) and out.features.shape == (B, 1, 64, 8, 8)
+    assert out.logits.shape == (B, 1, 10) and out.pooled.shape == (B, 1, 64)
     assert create_model("resnet8", 10).num_branches == 3
 
 
-def test_classify_matches_forward():
+def test_pooled_feature_is_what_the_head_reads():
     net = create_model("vgg16_mlp", 5, num_branches=2).eval()
     net_d = create_model("densenet40_12_bc", 5, num_branches=2).eval()
     for m in (net, net_d):
         with torch.no_grad():
             out = m(images())
             for k, branch in enumerate(m.branches):
-                torch.testing.assert_close(branch.classify(out.features[:, k]), out.logits[:, k])
+                torch.testing.assert_close(branch.classifier(branch.head(out.pooled[:, k])), out.logits[:, k])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,12 +375,9 @@ def test_channels_last_matches_contiguous(arch):
         net.to(memory_format=torch.channels_last)
         cl_both = net(x_cl)
     for out in (cl_input, cl_both):
-        for got, want in ((out.logits, ref.logits), (out.features, ref.features)):
+        for got, want in ((out.logits, ref.logits), (out.pooled, ref.pooled)):
             # fp32 reassociation only; a layout bug gives O(1) errors
             torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4 * want.abs().max().item())
-    # K sits between B and the channels, so (B, K*D, H, W) is a free view in the channels_last layout too
-    merged = cl_both.features.view(B, -1, net.feature_size, net.feature_size)
-    assert merged.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_compiles_without_graph_breaks():

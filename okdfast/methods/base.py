@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from okdfast.models import MultiBranchNet
+from okdfast.models.grouped import BRANCH_IMPLS
 from okdfast.ops.classifier_diversity import CD_DEFAULT_WEIGHTS, CD_FORMS
 from okdfast.ops.dispatch import fused_enabled
 from okdfast.ops.online_kd import online_kd
@@ -48,6 +49,7 @@ class MethodConfig:
     target_ce: float = 1.0  # MDE: weight of CE(target, y)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # 'auto' | 'on' | 'off': the fused Triton op or the PyTorch reference
+    branch_impl: str = "auto"  # 'auto' | 'loop' | 'grouped': how the K branches run (okdfast/models/grouped.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_branches <= 8:
@@ -58,6 +60,8 @@ class MethodConfig:
             raise ValueError(f"rampup_epochs={self.rampup_epochs}: must be >= 0")
         if self.fused_loss not in ("auto", "on", "off"):
             raise ValueError(f"fused_loss={self.fused_loss!r}: use 'auto', 'on' or 'off'")
+        if self.branch_impl not in BRANCH_IMPLS:
+            raise ValueError(f"branch_impl={self.branch_impl!r}: use one of {', '.join(BRANCH_IMPLS)}")
         if self.cd_form not in CD_FORMS:
             raise ValueError(f"cd_form={self.cd_form!r}: use one of {', '.join(CD_FORMS)}")
         if self.cd_weight is not None and not self.cd_weight >= 0:
@@ -105,8 +109,16 @@ class Method(nn.Module):
         self.config = config
 
     def build_net(self, shared_trunk: bool = True) -> MultiBranchNet:
-        """The method's K-branch network (okdfast/models/multibranch.py): every method builds it here."""
-        return MultiBranchNet(self.arch, self.num_classes, self.config.num_branches, shared_trunk=shared_trunk)
+        """The method's K-branch network (okdfast/models/multibranch.py): every method builds it here, its branches
+        run as ``config.branch_impl`` says ('auto' resolves for CUDA when available, else the CPU; the training
+        loop passes the impl resolved for its device)."""
+        return MultiBranchNet(
+            self.arch,
+            self.num_classes,
+            self.config.num_branches,
+            shared_trunk=shared_trunk,
+            branch_impl=self.config.branch_impl,
+        )
 
     def forward(self, images: Tensor) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdfast.models.parts import ArchParts, Branch, conv1x1, conv3x3, init_weights
+from okdfast.models.parts import ArchParts, Branch, cat_branches, conv1x1, conv3x3, init_weights
 from okdfast.models.registry import register_model
 
 SHARED_BLOCKS = 2  # dense blocks 1..SHARED_BLOCKS (each with its transition) in the trunk; the rest per branch
@@ -51,12 +51,13 @@ class DenseLayer(nn.Module):
             self.bn2 = nn.Identity()
             self.relu2 = nn.Identity()
             self.conv2 = conv3x3(in_channels, growth)
+        self.num_branches = 1  # K when K branches run as one (okdfast/models/grouped.py): the concat is per branch
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x), inplace=True)  # in place on BN's fresh output; x is concatenated below
         out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
         # One concat per layer: the same bytes as torchvision's cat-of-all-previous, with no list to carry.
-        return torch.cat([x, out], 1)
+        return cat_branches([x, out], self.num_branches)
 
 
 def _dense_block(in_channels: int, num_layers: int, growth: int, bottleneck: bool) -> nn.Sequential:

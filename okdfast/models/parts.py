@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -64,6 +65,20 @@ class ArchParts:
     feature_channels: int  # D of a branch's last-block features
     feature_size: int  # H == W of the last-block features
     num_classes: int
+
+
+def cat_branches(tensors: list[Tensor], num_branches: int = 1) -> Tensor:
+    """``torch.cat(tensors, 1)`` branch by branch: each (B, K * C_i, H, W) holds K branches' C_i channels side by
+    side, the result holds branch k's ``[t_0, t_1, ...]`` channels at ``[k * sum C_i, (k + 1) * sum C_i)``.
+
+    ``num_branches = 1`` is the plain concat; K > 1 is a dense layer of the branch-batched form
+    (okdfast/models/grouped.py). One cat of 2K narrowed views: the bytes of K separate concats, one launch, and the
+    memory format (channels-last) of the inputs is kept.
+    """
+    if num_branches == 1:
+        return torch.cat(tensors, 1)
+    widths = [t.shape[1] // num_branches for t in tensors]
+    return torch.cat([t.narrow(1, k * w, w) for k in range(num_branches) for t, w in zip(tensors, widths)], 1)
 
 
 def init_weights(module: nn.Module, *, conv_mode: str = "fan_out", linear_std: float | None = None) -> nn.Module:

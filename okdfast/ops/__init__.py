@@ -6,7 +6,7 @@ references (the spec, the CPU path and the test oracle) live in :mod:`okdfast.op
 
 from okdfast.ops.classifier_diversity import classifier_diversity_loss
 from okdfast.ops.dispatch import fused_enabled, use_triton
-from okdfast.ops.online_kd import online_kd
+import okdfast.ops.online_kd  # noqa: F401  (registers the ops)
 from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms
 
-__all__ = ["OnlineKDOptions", "OnlineKDTerms", "classifier_diversity_loss", "fused_enabled", "online_kd", "use_triton"]
+__all__ = ["OnlineKDOptions", "OnlineKDTerms", "classifier_diversity_loss", "fused_enabled", "use_triton"]

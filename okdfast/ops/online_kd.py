@@ -35,12 +35,14 @@ _OPTIONS = OnlineKDOptions.schema()
 _NUM_OPTIONS = _OPTIONS.count(",") + 1
 torch.library.define(
     "okdfast::online_kd_fwd",
-    "(Tensor logits, Tensor target, Tensor? teacher, Tensor? teacher_weights, Tensor? kd_weight, int weight_rows, "
+    "(Tensor logits, Tensor target, Tensor? teacher, Tensor? teacher_weights, Tensor? kd_weight_tensor, "
+    "int weight_rows, "
     f"{_OPTIONS}) -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "okdfast::online_kd_bwd",
-    "(Tensor grad_loss, Tensor logits, Tensor target, Tensor? teacher, Tensor? teacher_weights, Tensor? kd_weight, "
+    "(Tensor grad_loss, Tensor logits, Tensor target, Tensor? teacher, Tensor? teacher_weights, "
+    "Tensor? kd_weight_tensor, "
     "Tensor summary, Tensor stats, int weight_rows, bool need_logits, bool need_teacher, bool need_weights, "
     f"{_OPTIONS}) -> (Tensor, Tensor, Tensor)",
 )

@@ -117,8 +117,12 @@ def online_kd_rows_reference(
     chosen = [r for r in range(t.shape[1]) if options.teacher_ce_mask(t.shape[1]) >> r & 1]  # none at weight 0
     teacher_ce = smoothed_cross_entropy_rows(t[:, chosen], label.unsqueeze(1).expand(-1, len(chosen)), eps).sum(1)
     if options.mode == "ensemble":
-        detached = torch.tensor([bool(options.detach_mask(t.shape[1]) >> r & 1) for r in range(t.shape[1])])
-        kd_target = torch.where(detached.to(t.device).view(1, -1, 1), t.detach(), t)
+        mask = options.detach_mask(t.shape[1])
+        if mask in (0, (1 << t.shape[1]) - 1):  # none or every row detached
+            kd_target = t.detach() if mask else t
+        else:
+            detached = torch.tensor([bool(mask >> r & 1) for r in range(t.shape[1])], device=t.device)
+            kd_target = torch.where(detached.view(1, -1, 1), t.detach(), t)
         kd = kl_rows(kd_target.expand_as(z), z, temp)
     else:
         kd = peer_kl_rows(z, temp, detach_peers=options.detach_teacher)

@@ -1,0 +1,154 @@
+"""The two ways okdfast writes a file, so that a kill -9 or a full disk never leaves a half-written one in use.
+
+- :func:`atomic_write_bytes` (``config.yaml``, ``metrics.csv``, ``summary.json``, checkpoints): the bytes go to a
+  temporary file in the same folder (``.NAME.<random>.tmp``), are flushed and fsynced, and the temporary file is
+  renamed over ``NAME`` (``os.replace`` is atomic), then the folder is fsynced. A reader sees the old file or the
+  new one, never a mixture. A failed write removes its temporary file; a killed one leaves it behind, and
+  :func:`remove_orphaned_temps` removes it on the next start.
+- :func:`append_text` (``metrics.jsonl``, ``train.log``, ``sessions.jsonl``): one write of whole lines at the end
+  of the file, flushed and fsynced. A kill during the write can only cut the last line short; readers of those
+  files (:func:`okdfast.utils.metrics_log.read_rows`) drop an unterminated last line.
+
+Every byte of a run folder goes through :func:`_write_all`, so a test can cut any write short at any point.
+Failures raise :class:`RunFolderWriteError` naming the file, the reason (``No space left on device``) and the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+from okdfast.errors import UserError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+class RunFolderWriteError(UserError, OSError):
+    """Writing a run folder's file failed (disk full, read-only, permissions); the old file is untouched."""
+
+
+def _fix_for(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free space on that disk (or raise the quota / file-size limit), or pass --out on another disk"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable, or pass --out a folder you can write"
+    return "check the disk and the folder, or pass --out elsewhere"
+
+
+def write_error(path: Path, error: OSError, keeps: str) -> RunFolderWriteError:
+    """The one message of a failed write: the file, the OS's reason first (not buried under a traceback), the fix."""
+    reason = error.strerror or str(error)
+    code = f" (errno {error.errno})" if error.errno else ""
+    failure = RunFolderWriteError(f"could not write {path}: {reason}{code}; {_fix_for(error)}. {keeps}")
+    failure.errno = error.errno
+    return failure
+
+
+def _write_all(handle: IO[bytes], data: bytes, path: Path) -> None:
+    """Write ``data`` to ``handle`` (opened for ``path``, or for its temporary file), flush and fsync."""
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` atomically (same-folder temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_all(handle, data, path)
+        os.replace(tmp_name, path)
+    except BaseException as error:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise write_error(path, error, f"The previous {path.name}, if any, is untouched.") from error
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make ``path`` the same file as ``source`` atomically: a hard link renamed over ``path`` (a copy where the
+    filesystem has no hard links). Used for best.pt, which is always the last.pt of its epoch."""
+    source, path = Path(source), Path(path)
+    tmp_name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        try:
+            os.link(source, tmp_name)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            with open(source, "rb") as src, open(tmp_name, "xb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as error:
+        if tmp_name.exists():
+            tmp_name.unlink()
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise write_error(path, error, f"The previous {path.name}, if any, is untouched.") from error
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append whole lines (``text`` ends with a newline) in one write, flushed and fsynced."""
+    path = Path(path)
+    try:
+        with open(path, "ab") as handle:
+            _write_all(handle, text.encode("utf-8"), path)
+    except OSError as error:
+        if isinstance(error, UserError):
+            raise
+        raise write_error(path, error, f"The lines written to {path.name} before are kept.") from error
+
+
+def orphaned_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """The temporary files a killed :func:`atomic_write_bytes` / :func:`atomic_link` left in ``folder`` (only those
+    of the file ``names``, when given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if names is None else set(names)
+    found = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP.match(entry.name)
+        if match and entry.is_file() and (wanted is None or match.group("name") in wanted):
+            found.append(entry)
+    return found
+
+
+def remove_orphaned_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove (and return) the temporary files of killed writes in ``folder``; the files they were for are intact."""
+    removed = orphaned_temps(folder, names)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
