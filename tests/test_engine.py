@@ -153,8 +153,8 @@ def test_nan_guard_names_the_step_and_term_and_keeps_the_last_checkpoint(tmp_pat
     original_loss = ONE.loss
     calls = {"n": 0}
 
-    def poisoned_loss(self, output, target, kd_scale):
-        total, terms = original_loss(self, output, target, kd_scale)
+    def poisoned_loss(self, output, target, kd_weight):
+        total, terms = original_loss(self, output, target, kd_weight)
         calls["n"] += 1
         if calls["n"] == 14:  # optimizer step 13 (counted from 0), in the second epoch
             terms = dict(terms, kd=terms["kd"] * float("nan"))

@@ -56,14 +56,14 @@ def test_cuda_graph_step_matches_the_eager_step_including_a_partial_batch():
     graph_method = copy.deepcopy(eager_method)
     eager = _step(eager_method, cuda_graphs=False, full_batch=16)
     graphed = _step(graph_method, cuda_graphs=True, full_batch=16)
-    kd_scale = torch.tensor(1.0, device=device)
+    kd_weight = torch.tensor(1.0, device=device)
     generator = torch.Generator().manual_seed(1)
     sizes = [16, 16, 16, 16, 10, 16, 16]  # a partial batch in the middle, as at an epoch's end
     for size in sizes:
         images = torch.randn(size, 3, 32, 32, generator=generator).to(device)
         target = torch.randint(0, 10, (size,), generator=generator).to(device)
-        loss_eager, _ = eager(images, target, kd_scale)
-        loss_graph, terms = graphed(images, target, kd_scale)
+        loss_eager, _ = eager(images, target, kd_weight)
+        loss_graph, terms = graphed(images, target, kd_weight)
         assert torch.isfinite(loss_graph)
         torch.testing.assert_close(loss_graph, loss_eager, rtol=2e-3, atol=2e-3)
         assert set(terms) >= {"ce", "kd"}
@@ -89,7 +89,6 @@ def test_all_speed_features_on_train_and_learn(tmp_path: Path):
         channels_last=True,
         cuda_graphs=True,
         fused_loss="on",
-        fused_ffm="on",
         progress="off",
         out=str(tmp_path / "run"),
     )

@@ -35,7 +35,7 @@ def write_run(
     rows = []
     for epoch in range(epochs):
         acc = 20.0 + 10.0 * epoch + seed
-        row = {"epoch": epoch, "lr": 0.1, "kd_scale": 0.5, "partial": False, "train_loss": 5.0 - epoch * 0.5}
+        row = {"epoch": epoch, "lr": 0.1, "kd_weight": 0.5, "partial": False, "train_loss": 5.0 - epoch * 0.5}
         row |= {"train_ce": 3.0 - 0.3 * epoch, "train_kd": 0.2 + 0.01 * epoch, "train_teacher_ce": 1.0}
         row |= {"images_per_sec": 100.0, "epoch_seconds": 1.0}
         row |= {f"acc_branch_{k}": acc + k for k in range(branches)}

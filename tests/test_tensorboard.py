@@ -26,7 +26,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_writer_groups_every_numeric_column(tmp_path):
     writer = tb.TensorBoardWriter(tmp_path)
     rows = [
-        {"epoch": e, "partial": False, "lr": 0.1 / (e + 1), "train_loss": 2.0 - e, "train_cd": 0.01, "acc_ffm": 50.0}
+        {"epoch": e, "partial": False, "lr": 0.1 / (e + 1), "train_loss": 2.0 - e, "train_cd": 0.01, "acc_leader": 50.0}
         | {"images_per_sec": 1000.0 + e, "test_ce_ensemble": 1.5}
         for e in range(3)
     ]
@@ -38,7 +38,7 @@ def test_writer_groups_every_numeric_column(tmp_path):
         "opt/lr",
         "train/loss",
         "train/cd",
-        "test/acc_ffm",
+        "test/acc_leader",
         "speed/images_per_sec",
         "test/ce_ensemble",
     }
@@ -60,7 +60,7 @@ def quick(tmp_path: Path, **overrides) -> TrainConfig:
 def test_training_run_logs_every_metric_loss_term_lr_and_speed(tmp_path):
     summary = run(quick(tmp_path))
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
-    expected = {"train/loss", "train/ce", "train/kd", "train/teacher_ce", "opt/lr", "opt/kd_scale"}
+    expected = {"train/loss", "train/ce", "train/kd", "train/teacher_ce", "opt/lr", "opt/kd_weight"}
     expected |= {"speed/images_per_sec", "speed/epoch_seconds", "test/acc_branch_mean", "test/acc_ensemble"}
     expected |= {f"test/acc_branch_{k}" for k in range(3)} | {"test/acc_gate", "test/diversity_kl", "test/disagreement"}
     assert expected <= set(scalars), expected - set(scalars)
