@@ -70,6 +70,7 @@ def method_config(config: TrainConfig) -> MethodConfig:
         cd_form=config.cd_form,
         ffm=config.ffm == "on",
         target_ce=config.target_ce,
+        detach_leader_target=config.detach_leader_target,
         label_smoothing=config.label_smoothing,
         fused_loss=config.fused_loss,
     )

@@ -288,3 +288,23 @@ def test_float_zero_kd_weight_logs_no_kd():
     out = MethodOutput(logits, teacher_weights=torch.softmax(torch.randn(4, 3), -1))
     terms = method.loss(out, torch.randint(0, 10, (4,)), kd_weight=0.0)
     assert "kd" not in terms.terms and "teacher_ce" in terms.terms
+
+
+def test_mde_leader_target_can_train_the_auxiliaries_as_in_okddip_code():
+    """--no-detach-leader-target: L_kl2 = KL(mean of the auxiliaries || leader) also trains the auxiliaries."""
+    torch.manual_seed(6)
+    images, target = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    grads = {}
+    for detach in (True, False):
+        method = mde(detach_leader_target=detach, cd_weight=0.0)
+        out = method(images)
+        aux, leader = out.logits[:, :3], out.logits[:, 3]
+        hand = sum(F.cross_entropy(out.logits[:, k], target) for k in range(4))
+        hand = hand + F.cross_entropy(method.heads(out)["target"], target)
+        hand = hand + sum(kl_batchmean(aux[:, i], method.heads(out)["target"]) for i in range(3))
+        hand = hand + kl_batchmean(leader, aux.mean(1).detach() if detach else aux.mean(1))
+        got, want = _grads(method, method.loss(out, target, kd_weight=1.0).total), _grads(method, hand)
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+        grads[detach] = got["net.branches.0.classifier.weight"]
+    assert not torch.allclose(grads[True], grads[False])

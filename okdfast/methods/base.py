@@ -47,6 +47,7 @@ class MethodConfig:
     cd_form: str = "frobenius"  # MDE's CD loss: frobenius | abscos | cos2
     ffm: bool = True  # MDE: the FFM target (False: the mean of the auxiliary branches)
     target_ce: float = 1.0  # MDE: weight of CE(target, y)
+    detach_leader_target: bool = True  # MDE: L_kl2 trains the leader only (False: the auxiliaries too, as OKDDip)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # 'auto' | 'on' | 'off': the fused Triton op or the PyTorch reference
     branch_impl: str = "auto"  # 'auto' | 'loop' | 'grouped': how the K branches run (okdfast/models/grouped.py)

@@ -18,8 +18,10 @@ Our reading, each switchable (docs/METHOD.md, "our reading"):
   R = max(D/4, 32). ``--ffm off``: target = the mean of the auxiliaries (an ablation).
 - The target's own CE term, ``--target-ce`` (default 1.0, as ONE's gate ensemble has; the figure does not show it).
 - KL forms and T^2 scaling as in the OKDDip code; the target is not detached (the FFM learns through L_kl1, as
-  OKDDip's attention does); the leader's target (the auxiliaries' mean) is detached, so L_kl2 trains only the
-  leader. ``--detach-teacher`` detaches both levels (then the FFM learns from CE(target, y) alone).
+  OKDDip's attention does). The leader's target (the auxiliaries' mean) is detached, so L_kl2 trains only the
+  leader, as the figure draws it (distillation into the leader); OKDDip's code does not detach it
+  (``--no-detach-leader-target`` gives that). ``--detach-teacher`` detaches both levels (then the FFM learns
+  from CE(target, y) alone).
 - CD form (``--cd-form``): frobenius sum_{i<j} ||W_i^T W_j||_F (default, lambda 5e-8 as both third-party
   re-implementations use), abscos (mean |cos|), cos2 (mean cos^2); ``--cd-weight`` sets lambda (0: off).
 The whole CE + KL part is one call of the fused op: the two levels are one (B, K, K) matrix of teacher weights.
@@ -72,7 +74,7 @@ class MDE(TwoLevelMethod):
             detach_default=False,
             teacher_ce_weight=self.config.target_ce,
             teacher_ce_rows=(0,),
-            detached_teacher_rows=(leader_row,),
+            detached_teacher_rows=(leader_row,) if self.config.detach_leader_target else None,
         )
         cd_weight = self.config.resolved_cd_weight
         if cd_weight != 0.0:
