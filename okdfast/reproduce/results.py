@@ -71,10 +71,11 @@ class RunResult:
 
     @property
     def head_key(self) -> str | None:
-        for key in self.summary.get("last", {}):
-            if key.startswith("acc_") and not key.startswith("acc_branch_") and key != "acc_ensemble":
-                return key
-        return None
+        """The metric of the method's own model (``Method.head_name``: ONE's gate, OKDDip's and MDE's leader)."""
+        from okdfast.methods import method_class
+
+        head = method_class(self.run.method).head_name
+        return f"acc_{head}" if head and f"acc_{head}" in self.summary.get("last", {}) else None
 
 
 @dataclass
@@ -259,7 +260,7 @@ def results_markdown(
         "Top-1 error (%) on the test set, **branch mean (ensemble)**, at the last epoch; okdfast: mean ± sample std "
         "over the finished seeds. Only finished runs count; an unfinished cell says how far its runs are. "
         "'last vs best': the last epoch against the best epoch of each run (best branch-mean test accuracy, "
-        "picked on the test set). The method's own head (ONE's gate, MDE's FFM, OKDDip's leader) is in "
+        "picked on the test set). The method's own model (ONE's gate, OKDDip's and MDE's leader) is in "
         "results.csv (`err_head`).",
         "",
         f"Schedule **{schedule.name}**: {schedule.description}",
