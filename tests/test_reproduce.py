@@ -195,17 +195,30 @@ def test_dry_run_prints_the_plan_of_the_cifar100_table(tmp_path):
     assert not (tmp_path / "plan").exists()  # a dry run writes nothing
 
 
-def test_dry_run_estimates_from_a_timed_probe_then_from_its_cache(tmp_path, capsys):
-    args = ["--table", "synthetic-smoke", "--seeds", "1", "--out", str(tmp_path), "--dry-run", "--probe", "arch"]
+def test_dry_run_estimates_from_a_timed_probe_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "plan"
+    args = ["--table", "synthetic-smoke", "--seeds", "1", "--out", str(out), "--dry-run", "--probe", "arch"]
     assert main([*args, "--probe-seconds", "0.3"]) == 0
     plan = capsys.readouterr().out
     # one timed probe (of the method with the fewest FLOPs), the other method scaled by its counted FLOPs
     assert plan.count("probe: ") == 1 and plan.count("probe x FLOPs: ") == 1 and "total: " in plan
-    cache = json.loads((tmp_path / "speeds.json").read_text())
-    assert [entry["method"] for entry in cache.values()] == ["independent"]
-    assert main(args) == 0  # the cached probe: no new measurement
-    plan = capsys.readouterr().out
-    assert plan.count("probe (cached): ") == 1 and plan.count("probe x FLOPs: ") == 1
+    assert not out.exists()  # no speeds file, no run folder
+
+
+def test_variants_are_rows_of_a_method_with_other_flags(tmp_path):
+    catalog = load_catalog()
+    table = catalog.table("cifar10-small")
+    assert table.default_schedule == "small" and table.data_file == "cifar10-exact-subset.npz"
+    data = tmp_path / "data"
+    data.mkdir()
+    runs = build_plan(catalog, table, catalog.schedule("small"), seeds=[0], out=tmp_path / "out",
+                      extra_args=["--data-dir", str(data)])  # fmt: skip
+    by_row = {run.method: run for run in runs}
+    assert set(by_row) == set(table.methods) and len(runs) == len(table.methods) * len(table.archs)
+    assert by_row["mde-ffm-off"].config.method == "mde" and by_row["mde-ffm-off"].config.ffm == "off"
+    assert by_row["mde-no-cd"].config.cd_weight == 0.0 and by_row["mde"].config.cd_weight is None
+    assert all(run.config.data_dir == str(data / "cifar10-exact-subset.npz") for run in runs)
+    assert by_row["mde-no-cd"].run_dir.name.startswith("mde-no-cd_")
 
 
 def test_sigterm_to_the_runner_checkpoints_the_running_runs(tmp_path):

@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--table", help="the table to reproduce (--list-tables)")
     parser.add_argument("--list-tables", action="store_true", help="print the tables and exit")
-    parser.add_argument("--schedule", default="paper", help="paper (300 epochs, step lr) | short (30, cosine)")
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help="paper (300 epochs, step lr) | short (30, cosine) | small (cifar10-small); default: the table's own",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every cell")
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce/<table>_<schedule>)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the table's methods")
@@ -98,9 +102,9 @@ def list_tables(catalog: Catalog) -> str:
 
 def image_counts(catalog: Catalog, table: Table, run: PlannedRun) -> tuple[int, int, int]:
     """(train images, test images, classes) of a run, from the data file (no data is loaded)."""
-    sizes = catalog.datasets.get(table.dataset)
+    sizes = catalog.datasets.get(table.sizes_key)
     if sizes is None:
-        raise ValueError(f"{catalog.path}: no sizes for data set {table.dataset} under 'datasets'")
+        raise ValueError(f"{catalog.path}: no sizes for data set {table.sizes_key} under 'datasets'")
     train, test = sizes["train_images"], sizes["test_images"]
     subset = run.config.subset
     if subset is not None:
@@ -137,7 +141,7 @@ def plan_text(
         groups = {key: [r for r in runs if (r.method, r.arch) == key] for key in {(r.method, r.arch): 0 for r in runs}}
         num_classes = image_counts(catalog, table, runs[0])[2]
         report = lambda message: print(message, file=sys.stderr, flush=True)
-        speed_of = SpeedBook(out, probe=probe, probe_seconds=probe_seconds).speeds(groups, num_classes, report)
+        speed_of = SpeedBook(probe=probe, probe_seconds=probe_seconds).speeds(groups, num_classes, report)
         for run in runs:
             train, test, _ = image_counts(catalog, table, run)
             seconds[run.index] = run_seconds(run, speed_of.get((run.method, run.arch)), train, test)
@@ -185,7 +189,7 @@ def plan_text(
         lines.append(
             "estimate: remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up per run; "
             "speed sources: runs = images/s logged by earlier runs in OUT; probe = timed training steps on random "
-            "tensors now (eager, no data loading; cached in OUT/speeds.json); probe x FLOPs = one probe per arch, "
+            "tensors now (eager, no data loading; nothing is written); probe x FLOPs = one probe per arch, "
             "scaled by each method's counted training FLOPs (okdfast/reproduce/estimate.py)"
         )
     return "\n".join(lines)
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
     try:
-        table, schedule = catalog.table(args.table), catalog.schedule(args.schedule)
+        table = catalog.table(args.table)
+        schedule = catalog.schedule(args.schedule or table.default_schedule)
     except KeyError as error:
         parser.error(str(error.args[0]))
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / f"{table.name}_{schedule.name}"

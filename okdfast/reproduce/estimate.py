@@ -3,12 +3,11 @@
 Where the speed comes from, in this order (the plan names the source of every row):
 1. ``runs``: earlier runs of the same (method, arch) in the output folder: the median images/s of their finished
    epochs (metrics.jsonl), as measured by the training loop itself.
-2. ``probe (cached)``: a probe measured earlier on this device with the same settings, kept in OUT/speeds.json.
-3. ``probe``: a short timed probe, now: the method's forward + loss + backward + SGD step on random tensors of
+2. ``probe``: a short timed probe, now: the method's forward + loss + backward + SGD step on random tensors of
    the data set's shape (no data is loaded), warm-up steps, then timed steps for about ``probe_seconds``; the
    speed is the batch over the median step time. Eager mode, the run's AMP and channels-last settings; no
    torch.compile, no data loading: on a GPU a compiled run is faster, a data-bound one slower.
-4. ``probe x FLOPs`` (the CPU default, where a probe of every pair takes minutes): one timed probe per
+3. ``probe x FLOPs`` (the CPU default, where a probe of every pair takes minutes): one timed probe per
    architecture, of its method with the fewest FLOPs, gives this machine's FLOP rate on that architecture; the
    other methods' speeds are that rate over their own training FLOPs per image, counted by torch's
    FlopCounterMode on the meta device (exact counts of the conv/linear work; the heads' elementwise work and
@@ -27,7 +26,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,11 +161,8 @@ class SpeedBook:
     probe per arch, of its method with the fewest FLOPs; the other methods' speeds scaled by their FLOPs per
     training image, counted), 'none' (stored speeds only), 'auto' (all on CUDA, arch on the CPU)."""
 
-    def __init__(self, out: Path, *, probe: str = "auto", probe_seconds: float | None = None) -> None:
-        self.cache_path = out / "speeds.json"
-        self.cache: dict[str, dict[str, Any]] = (
-            json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
-        )
+    def __init__(self, *, probe: str = "auto", probe_seconds: float | None = None) -> None:
+        self.cache: dict[str, dict[str, Any]] = {}  # this process's probes; a dry run writes nothing
         self.probe = probe
         self.probe_seconds = probe_seconds
 
@@ -180,10 +175,7 @@ class SpeedBook:
             "images_per_sec": images_per_sec,
             "flops_per_image": training_flops_per_image(config, num_classes),
             "detail": detail,
-            "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self.cache_path.write_text(json.dumps(self.cache, indent=2))
         return Speed(images_per_sec, "probe", detail)
 
     def speeds(
@@ -200,13 +192,8 @@ class SpeedBook:
             config = runs[0].config
             device = run_device(config)
             settings = settings_key(config, num_classes, probe_batch(config, device), device)
-            entry = self.cache.get(f"{config.method}|{settings}")
             if measured is not None:
                 out[key] = measured
-            elif entry is not None:
-                out[key] = Speed(
-                    float(entry["images_per_sec"]), "probe (cached)", f"{entry['detail']}, {entry['date']}"
-                )
             elif all(run.status == "finished" for run in runs):
                 out[key] = None
             else:

@@ -31,7 +31,7 @@ IDENTITY = ("method", "arch", "dataset", "seed", "epochs", "lr_schedule", "batch
 @dataclass
 class PlannedRun:
     index: int  # position in the plan (1-based, the execution order)
-    method: str
+    method: str  # the table row: a method, or a variant of one (config.method is the method itself)
     arch: str
     seed: int
     run_dir: Path
@@ -83,6 +83,18 @@ def check_extra_args(extra: list[str]) -> None:
     if clashing:
         flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
         raise ValueError(f"{flags}: set by the runner for every run; use --methods/--archs/--seeds/--out instead")
+
+
+def table_data_path(table: Table, extra_args: list[str]) -> Path:
+    """Where the table's ``data_file`` lies: in the --data-dir passed on to the runs, else in the folders
+    okdfast.data searches ($OKDFAST_DATA, ./data, ~/.cache/okdfast/data); the first place that has it, or the
+    first candidate when none has it (the plan then reports it missing)."""
+    from okdfast.data.locate import search_roots
+
+    given = [extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--data-dir"]
+    roots = [Path(given[-1])] if given else search_roots(None)
+    candidates = [root if root.name == table.data_file else root / table.data_file for root in roots]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def run_status(run_dir: Path, config: TrainConfig) -> tuple[str, int]:
@@ -138,11 +150,15 @@ def build_plan(
             raise ValueError(f"--{kind} {','.join(unknown)}: not in table {table.name} ({', '.join(grid)})")
     cells = [c for c in table.cells if (methods is None or c.method in methods) and (archs is None or c.arch in archs)]
     common = values_to_argv(schedule.train) + values_to_argv(table.train) + extra_args
+    if table.data_file is not None:
+        common += ["--data-dir", str(table_data_path(table, extra_args))]
     runs: list[PlannedRun] = []
     for seed in seeds:
         for cell in cells:
+            variant = catalog.variant(cell.method)
             run_dir = out / f"{cell.method}_{cell.arch}_{table.dataset}_s{seed}"
-            own = ["--method", cell.method, "--arch", cell.arch, "--dataset", table.dataset, "--seed", str(seed)]
+            own = values_to_argv(variant.train)
+            own += ["--method", variant.method, "--arch", cell.arch, "--dataset", table.dataset, "--seed", str(seed)]
             own += ["--out", str(run_dir), "--resume", "auto"]
             argv = common + own
             if "--progress" not in argv:

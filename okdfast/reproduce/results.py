@@ -74,7 +74,7 @@ class RunResult:
         """The metric of the method's own model (``Method.head_name``: ONE's gate, OKDDip's and MDE's leader)."""
         from okdfast.methods import method_class
 
-        head = method_class(self.run.method).head_name
+        head = method_class(self.run.config.method).head_name
         return f"acc_{head}" if head and f"acc_{head}" in self.summary.get("last", {}) else None
 
 

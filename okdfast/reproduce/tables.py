@@ -1,7 +1,10 @@
 """The paper's tables as data: ``okdfast/paper_tables.yaml`` -> :class:`Catalog` of tables, schedules and sources.
 
-A table is a grid (methods x architectures on one data set) with, per cell, the reference numbers METHOD.md gives
-and the source each comes from. A cell without one says why ("not in METHOD.md"). Nothing here runs anything.
+A table is a grid (rows x architectures on one data set) with, per cell, the reference numbers docs/METHOD.md gives
+and the source each comes from. A cell without one says why ("not in METHOD.md"). A row is a method, or a variant:
+a method with other flags (an ablation such as MDE without its FFM), defined once under ``variants``. A table may
+name the data file it trains on (``data_file``: a partial or lossy set is never mistaken for the official one).
+Nothing here runs anything.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A row of a table that is ``method`` trained with the extra TrainConfig values ``train``."""
+
+    method: str
+    train: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Schedule:
     name: str
     description: str
@@ -68,6 +79,13 @@ class Table:
     notes: list[str] = field(default_factory=list)
     no_paper: str = NOT_IN_METHOD  # what an empty paper cell says
     test_only: bool = False
+    data_file: str | None = None  # a file of the data set to train on, looked up in --data-dir (None: the standard)
+    default_schedule: str = "paper"  # the schedule when --schedule is not given
+
+    @property
+    def sizes_key(self) -> str:
+        """The entry of the catalog's ``datasets`` that gives this table's image counts."""
+        return Path(self.data_file).stem if self.data_file else self.dataset
 
     def cell(self, method: str, arch: str) -> Cell:
         for cell in self.cells:
@@ -84,6 +102,11 @@ class Catalog:
     labels: dict[str, dict[str, str]]  # 'methods' | 'archs' | 'datasets' -> name -> label
     datasets: dict[str, dict[str, int]]  # name -> train_images, test_images, num_classes
     path: Path
+    variants: dict[str, Variant] = field(default_factory=dict)  # row name -> method + extra train values
+
+    def variant(self, row: str) -> Variant:
+        """The method and extra train values of a table row (a plain method is a variant of itself)."""
+        return self.variants.get(row, Variant(row, {}))
 
     def table(self, name: str) -> Table:
         if name not in self.tables:
@@ -111,6 +134,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     schedules = {
         name: Schedule(name, " ".join(str(s["description"]).split()), dict(s.get("train", {})))
         for name, s in data["schedules"].items()
+    }
+    variants = {
+        name: Variant(str(v["method"]), dict(v.get("train", {}))) for name, v in (data.get("variants") or {}).items()
     }
     tables: dict[str, Table] = {}
     for name, t in data["tables"].items():
@@ -149,7 +175,12 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
             notes=[" ".join(str(n).split()) for n in t.get("notes", [])],
             no_paper=t.get("no_paper", NOT_IN_METHOD),
             test_only=bool(t.get("test_only", False)),
+            data_file=t.get("data_file"),
+            default_schedule=t.get("default_schedule", "paper"),
         )
+        unknown_rows = [m for m in t["methods"] if m not in variants and not _is_method(m)]
+        if unknown_rows:
+            raise ValueError(f"{path}: table {name}: rows {unknown_rows} are neither methods nor variants")
         for key in t.get("sources", {}):
             sources.setdefault(key, table_sources[key])
     return Catalog(
@@ -159,4 +190,11 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         labels={kind: dict(values) for kind, values in data.get("labels", {}).items()},
         datasets={name: dict(values) for name, values in data.get("datasets", {}).items()},
         path=path,
+        variants=variants,
     )
+
+
+def _is_method(name: str) -> bool:
+    from okdfast.methods import list_methods
+
+    return name in list_methods()
