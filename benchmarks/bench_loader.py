@@ -11,8 +11,10 @@ delivered on the device in fp32, channels-last on CUDA), iterated with nothing e
 a one-time cost, reported separately (``setup_s``). Data: the real data set when ``load_dataset`` finds it, else
 seeded random uint8 arrays of its size (``data`` column): CIFAR-100 50k, CINIC-10 90k (train) and 180k
 (train + valid) 32x32 images; the loaders do the same work on either. ``vs_torch`` is the ratio to the torch
-loader measured in the same run. The 1-minute load average before and after each loader is recorded: on a shared
-machine a run whose load rose while it ran is suspect and is better rerun.
+loader measured in the same run (it is measured first). ``gb_per_s`` counts the bytes a loader must move per image
+(the uint8 image read once, the normalised fp32 batch written once) and ``pct_copy_bw`` divides that by the copy
+bandwidth measured on this device (benchmarks/harness.py). The 1-minute load average before and after each
+loader is recorded: on a shared machine a run whose load rose while it ran is suspect and is better rerun.
 
     python -m benchmarks.bench_loader                     # all loaders, cifar100 + cinic10 + cinic10-valid shapes
     python -m benchmarks.bench_loader --quick             # cifar100 + cinic10 at 1/5 size, 2 timed epochs
@@ -20,9 +22,9 @@ machine a run whose load rose while it ran is suspect and is better rerun.
 
     python -m benchmarks.bench_loader --train             # end to end: mde/resnet8 trained with each loader
     python -m benchmarks.bench_loader --kernel            # one batch: fused Triton kernel vs the PyTorch path
-Rows go to ``benchmarks/results/loader.csv`` (``loader_train.csv`` for ``--train``, ``augment.csv`` for
-``--kernel``), the chart to
-``benchmarks/results/loader_<device>.png``.
+Rows go to ``<results>/loader.csv`` the moment each is measured (``loader_train.csv`` for ``--train``,
+``augment.csv`` for ``--kernel``), the chart to ``<results>/loader_<device>.png``; ``<results>`` is the untracked
+``runs/bench/`` unless ``--results-dir`` / ``--commit-results`` (benchmarks/harness.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import RESULTS_DIR, append_rows, default_device, machine_columns  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_output_arguments,
+    append_row,
+    copy_bandwidth_gbps,
+    default_device,
+    machine_columns,
+    results_dir,
+)
 from okdfast.data import ArrayDataset, DatasetNotFoundError, DatasetSplits, build_data_loaders, load_dataset  # noqa: E402
 from okdfast.data.factory import install_hint  # noqa: E402
 from okdfast.data.stats import STATS  # noqa: E402
@@ -169,32 +178,42 @@ def measure(args: argparse.Namespace, device_name: str, shape: str, name: str) -
     }
 
 
+IMAGE_BYTES = 32 * 32 * 3 * (1 + 4)  # a uint8 image read, its normalised fp32 copy written
+
+
 def bench(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Every (data set, loader) in its own spawned process: no loader inherits another's threads, worker processes
-    or page cache state, and no DataLoader forks a process that DALI's or numba's threads already run in."""
+    or page cache state, and no DataLoader forks a process that DALI's or numba's threads already run in. The torch
+    loader (the reference) goes first, so each row can carry its ratio when it is written."""
     base = machine_columns("loader", device) | package_versions()
+    copy_gbps = copy_bandwidth_gbps(device)
+    folder = results_dir(args.results_dir, args.commit_results)
     spawn = multiprocessing.get_context("spawn")
+    order = sorted(args.loaders, key=lambda name: name != "torch")
     rows = []
     for shape in args.datasets:
-        per_loader: dict[str, dict[str, Any]] = {}
-        for name in args.loaders:
+        reference = None
+        for name in order:
             hint = install_hint(name)
             if hint is not None:
                 print(f"{shape:14s} {name:6s} skipped: {hint}")
                 continue
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                 row = base | pool.submit(measure, args, str(device), shape, name).result()
-            per_loader[name] = row
+            reference = row if name == "torch" else reference
+            row["vs_torch"] = round(row["images_per_s"] / reference["images_per_s"], 3) if reference else ""
+            row["gb_per_s"] = round(row["images_per_s"] * IMAGE_BYTES / 1e9, 3)
+            row["copy_gbps"] = round(copy_gbps, 1)
+            row["pct_copy_bw"] = round(100 * row["gb_per_s"] / copy_gbps, 2)
+            append_row("loader", row, folder)
+            rows.append(row)
             print(
                 f"{shape:14s} {name:6s} {row['images_per_s']:>11,.0f} img/s  epoch {row['median_s']:.3f} s "
-                f"(p20 {row['p20_s']:.3f}, p80 {row['p80_s']:.3f})  setup {row['setup_s']:.1f} s  "
+                f"(p20 {row['p20_s']:.3f}, p80 {row['p80_s']:.3f})  {row['gb_per_s']:.2f} GB/s "
+                f"({row['pct_copy_bw']:.2f}% of copy)  setup {row['setup_s']:.1f} s  "
                 f"load {row['load_before']:.1f} -> {row['load_after']:.1f}",
                 flush=True,
             )
-        reference = per_loader.get("torch")
-        for row in per_loader.values():
-            row["vs_torch"] = round(row["images_per_s"] / reference["images_per_s"], 3) if reference else ""
-            rows.append(row)
     return rows
 
 
@@ -287,17 +306,22 @@ def train_one(args: argparse.Namespace, device_name: str, name: str) -> dict[str
 
 
 def train_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """The same mde/resnet8 training run with every loader, each in its own spawned process."""
+    """The same mde/resnet8 training run with every loader, each in its own spawned process (torch first)."""
     base = machine_columns("loader_train", device) | package_versions()
+    folder = results_dir(args.results_dir, args.commit_results)
     spawn = multiprocessing.get_context("spawn")
     rows = []
-    for name in args.loaders:
+    reference = None
+    for name in sorted(args.loaders, key=lambda name: name != "torch"):
         hint = install_hint(name)
         if hint is not None:
             print(f"{name:6s} skipped: {hint}")
             continue
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             row = base | pool.submit(train_one, args, str(device), name).result()
+        reference = row if name == "torch" else reference
+        row["vs_torch"] = round(row["images_per_s_median"] / reference["images_per_s_median"], 3) if reference else ""
+        append_row("loader_train", row, folder)
         rows.append(row)
         print(
             f"{name:6s} {row['images_per_s_median']:8.1f} img/s train  wall {row['wall_s']:6.1f} s  branch-mean "
@@ -305,9 +329,6 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str,
             f"load {row['load_before']:.1f} -> {row['load_after']:.1f}",
             flush=True,
         )
-    reference = next((r for r in rows if r["loader"] == "torch"), None)
-    for row in rows:
-        row["vs_torch"] = round(row["images_per_s_median"] / reference["images_per_s_median"], 3) if reference else ""
     return rows
 
 
@@ -325,6 +346,8 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str
     from okdfast.ops.dispatch import triton_runs_on
 
     base = machine_columns("augment", device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    folder = results_dir(args.results_dir, args.commit_results)
     mean, std = STATS["cifar100"].mean, STATS["cifar100"].std
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50_000, 32, 32, 3), generator=g, dtype=torch.uint8).to(device)
@@ -347,9 +370,15 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str
             moved = bytes_moved(batch, (32, 32, 3), torch.float32)
             row = base | {"impl": name, "batch": batch, "bytes": moved, **timing.as_row()}
             row["gb_per_s"] = round(moved / (timing.median_ms * 1e-3) / 1e9, 2)
+            row["copy_gbps"] = round(copy_gbps, 1)
+            row["pct_copy_bw"] = round(100 * row["gb_per_s"] / copy_gbps, 2)
             row["images_per_s"] = round(batch / (timing.median_ms * 1e-3), 1)
+            append_row("augment", row, folder)
             rows.append(row)
-            print(f"augment {name:6s} batch {batch:5d} {timing.median_ms * 1e3:9.1f} us  {row['gb_per_s']:8.2f} GB/s")
+            print(
+                f"augment {name:6s} batch {batch:5d} {timing.median_ms * 1e3:9.1f} us  {row['gb_per_s']:8.2f} GB/s "
+                f"({row['pct_copy_bw']:.1f}% of copy)"
+            )
     return rows
 
 
@@ -374,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-subset", type=int, default=1600)
     parser.add_argument("--kernel", action="store_true", help="time the fused augmentation kernel vs torch")
     parser.add_argument("--kernel-batches", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--no-write", action="store_true", help="print only; write no CSV or PNG")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.scale, args.epochs = min(args.scale, 0.2), min(args.epochs, 2)
@@ -390,14 +419,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.kernel:
         if args.threads:
             torch.set_num_threads(args.threads)
-        rows = kernel_rows(args, device)
-        if not args.no_write:
-            print(f"rows appended to {append_rows('augment', rows)}")
+        kernel_rows(args, device)
+        print(f"rows in {results_dir(args.results_dir, args.commit_results) / 'augment.csv'}")
         return
     if args.train:
-        rows = train_rows(args, device)
-        if rows and not args.no_write:
-            print(f"rows appended to {append_rows('loader_train', rows)}")
+        train_rows(args, device)
+        print(f"rows in {results_dir(args.results_dir, args.commit_results) / 'loader_train.csv'}")
         return
     print(
         f"device {device} | {os.cpu_count()} cores | batch {args.batch_size} | workers {args.workers} | "
@@ -405,11 +432,11 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     rows = bench(args, device)
-    if rows and not args.no_write:
-        print(f"rows appended to {append_rows('loader', rows)}")
-        png = RESULTS_DIR / f"loader_{device.type}.png"
+    if rows:
+        folder = results_dir(args.results_dir, args.commit_results)
+        png = folder / f"loader_{device.type}.png"
         plot(rows, png)
-        print(f"chart: {png}")
+        print(f"rows in {folder / 'loader.csv'}; chart: {png}")
 
 
 if __name__ == "__main__":

@@ -1,132 +1,139 @@
-"""Compile the loss kernels for a GPU architecture without a GPU, and report registers and spills (ptxas -v).
+"""Compile the Triton kernels for a GPU architecture without a GPU, exactly as the benchmarked launches compile them,
+and report registers and spills (ptxas -v).
 
-    python benchmarks/gpu_checks/compile_kernels.py            # every specialisation at the default launch configs
-    python benchmarks/gpu_checks/compile_kernels.py --arch 80  # A100
+    python benchmarks/gpu_checks/compile_kernels.py                  # the shapes gpu_suite.sh benchmarks, sm_90
+    python benchmarks/gpu_checks/compile_kernels.py --quick          # the two headline shapes only
+    python benchmarks/gpu_checks/compile_kernels.py --arch 80 --csv out.csv
 
-The Triton interpreter (how the CPU tests run the kernels) does not type-check or lower anything; this does: it
-runs Triton's full pipeline (TTIR -> TTGIR -> LLVM IR -> PTX) for ``--arch`` and assembles the PTX with the ptxas
-that ships with triton, which prints each kernel's register count and spill bytes. A spill means the launch
-heuristics (``launch_config``) give a thread too many tile elements. Needs no CUDA device or driver.
+Each case runs the real op (``okdfast.ops.online_kd.online_kd``, forward and backward) and the real loader launcher
+(``okdfast.kernels.augment.crop_flip_normalize``) on CPU tensors of the benchmarked shapes, with the kernels
+replaced by recorders (``ptx.LaunchRecorder``): every recorded launch has the arguments, strides, constexprs and
+num_warps a CUDA launch of that shape gets. Triton's own binder then specialises them as it does at a launch
+(integers equal to 1 become constants: the unit strides; integers divisible by 16 and 16-byte-aligned pointers get
+alignment hints) before the full pipeline runs for ``--arch`` and ptxas reports. The Triton interpreter (how the
+CPU tests run the kernels) type-checks and lowers nothing; this does. A spill means the launch heuristics
+(``launch_config``) give a thread too many tile elements. Needs no CUDA device or driver; on a GPU,
+``kernels_vs_reference.py`` reports the same numbers from the kernels real launches compiled.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import csv
 import sys
 from pathlib import Path
+from typing import Any
 
-import triton.language as tl
+import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from okdfast.kernels import classifier_diversity as cd_kernels  # noqa: E402
+from okdfast.kernels import augment as augment_kernels  # noqa: E402
 from okdfast.kernels import online_kd as kd_kernels  # noqa: E402
 
-from benchmarks.gpu_checks.ptx import PTXAS, registers_and_spills  # noqa: E402
+from benchmarks import bench_loss  # noqa: E402
+from benchmarks.gpu_checks.ptx import PTXAS, LaunchRecorder, compile_launch  # noqa: E402
+from okdfast.ops.online_kd import online_kd  # noqa: E402
 
-TL_DTYPES = {"fp32": tl.float32, "fp64": tl.float64}
-FLOAT_ARGS = {"temperature", "label_smoothing", "ce_weight", "kd_weight", "teacher_ce_weight", "eps"}
 SPILL_LIMIT = 64  # bytes per thread; a few bytes (ptxas' choice at <= 64 registers) cost nothing measurable
+QUICK_CASES = [(form, "bf16", shape) for shape in bench_loss.HEADLINE_SHAPES for form in bench_loss.DEFAULT_FORMS]
 
 
-def _compile(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, arch: int) -> dict | None:
-    """Compile ``kernel`` (a JITFunction); pointers named in ``pointer_types``, other runtime args i32/fp32."""
+def default_cases() -> list[tuple[str, str, tuple[int, int, int]]]:
+    """(form, dtype, shape): what gpu_suite.sh's kernels stage benchmarks (bench_loss --preset suite, bf16), plus
+    fp32 and DML's peer mode at the CIFAR headline shape."""
+    preset = bench_loss.PRESETS["suite"]
+    cases = [(form, dtype, shape) for dtype in preset["dtypes"] for form, shape in preset["combos"]]
+    return cases + [("mde", "fp32", (128, 4, 100)), ("dml", "fp32", (128, 4, 100)), ("dml", "bf16", (128, 5, 100))]
+
+
+def record_online_kd(form: str, dtype: str, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """The forward, reduce and backward launches of one op call (with the method's options) at ``shape``."""
+    logits, target, teacher, weights, kd_weight = bench_loss.make_inputs(
+        shape, bench_loss.DTYPES[dtype], form, torch.device("cpu"), values=False
+    )
+    options = bench_loss.form_options(form, shape[1])
+    with LaunchRecorder(kd_kernels) as launches:
+        loss, _ = online_kd(logits, target, teacher, weights, options, kd_weight, kernel=True)
+        loss.backward()
+    return launches
+
+
+def record_augment(dtype: str, channels_last: bool, augment: bool, batch: int = 128) -> list[dict[str, Any]]:
+    from okdfast.data.transforms import normalize_lut, sample_crop_flip
+
+    images = torch.empty(50_000, 32, 32, 3, dtype=torch.uint8)
+    index = torch.randperm(50_000)[:batch]
+    top, left, flip = sample_crop_flip(batch, torch.Generator().manual_seed(0)) if augment else (None, None, None)
+    lut = normalize_lut((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), bench_loss.DTYPES[dtype], torch.device("cpu"))
+    with LaunchRecorder(augment_kernels) as launches:
+        augment_kernels.crop_flip_normalize(images, index, top, left, flip, lut, channels_last=channels_last)
+    return launches
+
+
+def compile_online_kd(form: str, dtype: str, shape: tuple[int, int, int], arch: int = 90) -> list[dict[str, Any]]:
+    """Reports (registers, spill_bytes, num_warps, specialization, block sizes) of every kernel one op call at
+    ``shape`` launches, compiled for sm_``arch``; [] when triton ships no ptxas."""
     if not PTXAS.exists():
-        return None
-    report = registers_and_spills(
-        kernel,
-        pointers=pointer_types,
-        scalar_type=lambda name: "fp32" if name in FLOAT_ARGS else "i32",
-        constexprs=constexprs,
-        num_warps=num_warps,
-        arch=arch,
-    )
-    return report | {"num_warps": num_warps}
-
-
-def compile_online_kd(
-    num_branches: int,
-    num_classes: int,
-    teacher: str = "shared",
-    peer: bool = False,
-    detach: bool = True,
-    dtype: str = "bf16",
-    teacher_ce: bool = True,
-    arch: int = 90,
-) -> dict | None:
-    """Compile ``_online_kd_fwd_kernel`` at the launch config of (K, C); teacher 'none' | 'shared' | 'branch'."""
-    mode = {"none": 0, "shared": 1, "branch": 2}[teacher]
-    block_k, block_c, num_warps = kd_kernels.launch_config(num_branches, num_classes, per_branch_teacher=mode == 2)
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    pointers = {"z_ptr": dtype, "y_ptr": "i64", "t_ptr": dtype, "n_valid_ptr": "fp32", "kd_scale_ptr": "fp32"}
-    pointers |= {"loss_ptr": acc, "terms_ptr": acc, "gz_ptr": dtype, "gt_ptr": dtype}
-    constexprs = dict(
-        BLOCK_K=block_k,
-        BLOCK_C=block_c,
-        TB=block_k if mode == 2 else 1,
-        TEACHER_MODE=mode,
-        PEER=peer,
-        DETACH=detach,
-        HAS_TCE=teacher_ce,
-        HAS_KD=True,
-        HAS_KD_SCALE=True,
-        MEAN_T_GRAD=mode == 0 and (teacher_ce or (not peer and not detach)),
-        MEAN=True,
-        WRITE_GZ=True,
-        WRITE_GT=mode != 0,
-        ACC=TL_DTYPES[acc],
-    )
-    report = _compile(kd_kernels._online_kd_fwd_kernel, pointers, constexprs, num_warps, arch)
-    if report is not None:
-        report |= {"BLOCK_K": block_k, "BLOCK_C": block_c}
-    return report
-
-
-def compile_classifier_diversity(num_branches: int, dim: int, dtype: str = "fp32", arch: int = 90) -> dict | None:
-    block_k, block_d, num_warps = cd_kernels.launch_config(num_branches, dim)
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    pointers = {"w_ptr": dtype, "part_ptr": acc, "gw_ptr": dtype}
-    constexprs = dict(BLOCK_K=block_k, BLOCK_D=block_d, WRITE_GRAD=True, ACC=TL_DTYPES[acc])
-    report = _compile(cd_kernels._cd_fwd_kernel, pointers, constexprs, num_warps, arch)
-    if report is not None:
-        report |= {"BLOCK_K": block_k, "BLOCK_D": block_d}
-    return report
+        return []
+    reports = []
+    for launch in record_online_kd(form, dtype, shape):
+        blocks = {k: launch["kwargs"][k] for k in ("BLOCK_K", "TB", "BLOCK_C", "BLOCK_B") if k in launch["kwargs"]}
+        reports.append(compile_launch(launch, arch) | blocks)
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
-    parser.add_argument("--quick", action="store_true", help="only the largest tile of each BLOCK_K")
+    parser.add_argument("--quick", action="store_true", help="the headline shapes in bf16 only")
+    parser.add_argument("--csv", type=Path, default=None, help="also write one row per compiled launch here")
     args = parser.parse_args(argv)
     if not PTXAS.exists():
         print(f"no ptxas at {PTXAS}; nothing to check")
         return 0
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    writer = None
+    handle = args.csv.open("w", newline="") if args.csv else None
+    print(f"sm_{args.arch}: kernel, case, blocks, warps, registers, spill bytes, specialisation")
+    cases = [("online_kd", case) for case in (QUICK_CASES if args.quick else default_cases())]
+    cases += [("augment", (d, cl, aug)) for d in ("fp32", "bf16") for cl in (True, False) for aug in (True, False)]
     failures = 0
-    print("kernel           K      C teacher peer  detach dtype | BLOCK  warps regs spill")
-    shapes, seen = [], set()  # one (K, C) per distinct launch config
-    for k, c in itertools.product((2, 3, 4, 5, 8), (32768,) if args.quick else (10, 100, 1000, 32768)):
-        if kd_kernels.launch_config(k, c) not in seen:
-            seen.add(kd_kernels.launch_config(k, c))
-            shapes.append((k, c))
-    for (k, c), teacher, peer, detach in itertools.product(
-        shapes, ("none", "shared", "branch"), (False, True), (True, False)
-    ):
-        r = compile_online_kd(k, c, teacher, peer, detach, "bf16", arch=args.arch)
-        failures += r["spill_bytes"] > SPILL_LIMIT
-        print(
-            f"online_kd   {k:5d} {c:6d} {teacher:7s} {peer!s:5s} {detach!s:6s} bf16  | "
-            f"{r['BLOCK_K']}x{r['BLOCK_C']:<5d} {r['num_warps']:5d} {r['registers']:4d} {r['spill_bytes']:5d}"
-        )
-    for k, d, dtype in itertools.product((2, 4, 8), (64, 512) if args.quick else (64, 128, 512, 640), ("fp32",)):
-        r = compile_classifier_diversity(k, d, dtype, arch=args.arch)
-        failures += r["spill_bytes"] > SPILL_LIMIT
-        print(
-            f"cd          {k:5d} D={d:5d}                    {dtype:5s} | "
-            f"{r['BLOCK_K']}x{r['BLOCK_D']:<5d} {r['num_warps']:5d} {r['registers']:4d} {r['spill_bytes']:5d}"
-        )
-    print(f"{failures} specialisation(s) spill more than {SPILL_LIMIT} bytes" if failures else "no significant spills")
+    for family, case in cases:
+        launches = record_online_kd(*case) if family == "online_kd" else record_augment(*case)
+        for launch in launches:
+            report = compile_launch(launch, args.arch)
+            key = (
+                f"{report['kernel']}|{report['pointers']}|{report['specialization']}|{sorted(launch['kwargs'].items())}"
+            )
+            if key in seen:  # the same specialisation as an earlier case: compiled once
+                continue
+            seen.add(key)
+            blocks = "x".join(str(launch["kwargs"][k]) for k in ("BLOCK_K", "TB", "BLOCK_C") if k in launch["kwargs"])
+            label = (
+                "-".join(map(str, case[:2])) + "-" + "x".join(map(str, case[2]))
+                if family == "online_kd"
+                else (f"{case[0]}-{'cl' if case[1] else 'nchw'}-{'train' if case[2] else 'eval'}")
+            )
+            row = {"arch": args.arch, "family": family, "case": label, "blocks": blocks} | report
+            rows.append(row)
+            failures += report["spill_bytes"] > SPILL_LIMIT
+            print(
+                f"{report['kernel']:26s} {label:28s} {blocks:10s} {report['num_warps']:3d} {report['registers']:4d} "
+                f"{report['spill_bytes']:5d}  {report['specialization']}",
+                flush=True,
+            )
+            if handle is not None:
+                if writer is None:
+                    writer = csv.DictWriter(handle, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+                handle.flush()
+    if handle is not None:
+        handle.close()
+    print(f"{failures} launch(es) spill more than {SPILL_LIMIT} bytes" if failures else "no significant spills")
     return 1 if failures else 0
 
 
