@@ -57,6 +57,7 @@ class TrainConfig:
     cd_form: str = "frobenius"  # frobenius | abscos | cos2: the CD loss of mde (docs/METHOD.md section 3)
     ffm: str = "on"  # on | off: mde's FFM target (off: the mean of the auxiliary branches, an ablation)
     target_ce: float = 1.0  # weight of CE(target, y) in mde's loss (0 drops the term)
+    detach_leader_target: bool = True  # mde: L_kl2 trains the leader only (off: also the auxiliaries, as OKDDip's code)
     label_smoothing: float = 0.0
     fused_loss: str = "auto"  # auto | on | off: fused Triton loss (CUDA) or the PyTorch reference
     # speed (None: the device's default, see resolve_speed_defaults: the fast settings on CUDA, what helps on CPU)
@@ -66,6 +67,7 @@ class TrainConfig:
     compile: str | None = None  # off | default | max-autotune | reduce-overhead (bare --compile: default)
     cuda_graphs: bool = False  # replay the whole train step as CUDA graphs (static shapes; CUDA only)
     optimizer_impl: str = "auto"  # auto | fused | foreach | for-loop (SGD implementation; auto: fused on CUDA)
+    branch_impl: str = "auto"  # auto | loop | grouped: the K branches one after another or as one network
     sync_bn: bool | None = None  # BatchNorm statistics over the global batch under DDP (None: on when distributed)
     nan_check_every: int = 50  # steps between host-side checks of the non-finite-loss guard
     # bookkeeping
@@ -80,60 +82,117 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard)
 
     def resolved_milestones(self) -> list[int]:
-        return [int(round(m * self.epochs)) if m < 1 else int(m) for m in self.milestones]
+        """The epoch boundaries after which lr is multiplied by ``lr_gamma``: epoch m means from epoch m on (0-based),
+        so every milestone lies in 1..epochs-1 and at most one decay happens per boundary.
+
+        A fraction f < 1 of the epochs becomes ceil(f * epochs) (the first boundary at or after that share of the
+        run: 150 and 225 of 300 for the defaults); a value >= 1 is an epoch. Milestones at or after the last epoch
+        would never apply, and one that falls on the boundary of an earlier one would multiply lr twice at once:
+        both are left out, and :meth:`milestone_notes` says so in the log.
+        """
+        resolved: list[int] = []
+        for m in self.milestones:
+            epoch = max(1, math.ceil(m * self.epochs - 1e-9)) if m < 1 else int(m)
+            if epoch < self.epochs and epoch not in resolved:
+                resolved.append(epoch)
+        return resolved
+
+    def milestone_notes(self) -> list[str]:
+        """Log lines for the milestones :meth:`resolved_milestones` leaves out (none with the step schedule's
+        defaults and epochs >= 4)."""
+        if self.lr_schedule != "step":
+            return []
+        resolved = self.resolved_milestones()
+        if len(resolved) == len(self.milestones):
+            return []
+        given = " ".join(f"{m:g}" for m in self.milestones)
+        kept = f"lr decays after epoch(s) {', '.join(map(str, resolved))} only" if resolved else "lr never decays"
+        return [
+            f"--milestones {given} with --epochs {self.epochs}: {kept} (a milestone at or after the last epoch never "
+            "applies, and two on one epoch boundary would decay twice at once)"
+        ]
 
     def resolved_rampup(self) -> float:
         return self.rampup_epochs if self.rampup_epochs is not None else 80.0 * self.epochs / 300.0
 
     def validate(self) -> None:
-        def bad(name: str, value: Any, fix: str) -> None:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: {fix}")
+        """Type and range of every value (a :class:`~okdfast.errors.ConfigError` naming the flag and the fix)."""
 
-        if self.epochs < 0:
-            bad("epochs", self.epochs, "must be >= 0")
-        if self.batch_size < 1:
-            bad("batch_size", self.batch_size, "must be >= 1")
-        if self.eval_batch_size < 1:
-            bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
+        def bad(name: str, value: Any, fix: str) -> None:
+            error = ConfigError(f"{_flag(name)} {_show(value)}: {fix}")
+            error.field = name  # type: ignore[attr-defined]
+            raise error
+
+        for f in dataclasses.fields(self):
+            problem = _type_problem(getattr(self, f.name), str(f.type))
+            if problem:
+                bad(f.name, getattr(self, f.name), problem)
+
+        def at_least(name: str, low: float, why: str = "") -> None:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                bad(name, value, f"must be >= {low:g}{why}")
+
+        at_least("epochs", 1)
+        at_least("batch_size", 2, " (BatchNorm trains on batch statistics: a batch needs two images or more)")
+        at_least("eval_batch_size", 1)
+        at_least("subset", 5, " (N training and N/5 test images)")
+        at_least("data_seed", 0)
+        at_least("seed", 0)
+        at_least("workers", 0)
+        at_least("nan_check_every", 1)
+        at_least("max_steps", 1)
+        at_least("log_every", 0, " (0 turns the progress lines off)")
+        at_least("weight_decay", 0)
+        at_least("alpha", 0, " (0 turns the KD terms off)")
+        at_least("rampup_epochs", 0)
+        at_least("target_ce", 0, " (0 drops CE(target, y))")
+        at_least("cd_weight", 0, " (0 turns the CD loss off)")
         if self.branches is not None and not 1 <= self.branches <= 8:
             bad("branches", self.branches, "K must be between 2 and 8 (1 only for --method baseline)")
-        if not self.lr > 0:
-            bad("lr", self.lr, "must be > 0")
-        if not self.temperature > 0:
-            bad("temperature", self.temperature, "must be > 0")
-        if self.subset is not None and self.subset < 5:
-            bad("subset", self.subset, "must be >= 5 (N training and N/5 test images)")
-        if self.amp not in (None, "off", "bf16", "fp16", "auto"):
-            bad("amp", self.amp, "use off, bf16, fp16 or auto")
-        if self.compile not in (None, "off", "default", "max-autotune", "reduce-overhead"):
-            bad("compile", self.compile, "use off, default, max-autotune or reduce-overhead")
-        if self.optimizer_impl not in ("auto", "fused", "foreach", "for-loop"):
-            bad("optimizer_impl", self.optimizer_impl, "use auto, fused, foreach or for-loop")
-        if self.nan_check_every < 1:
-            bad("nan_check_every", self.nan_check_every, "must be >= 1")
-        if self.fused_loss not in ("auto", "on", "off"):
-            bad("fused_loss", self.fused_loss, "use auto, on or off")
+        for name in ("lr", "temperature", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                bad(name, getattr(self, name), "must be > 0")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", self.momentum, "must be in [0, 1)")
+        if not 0 <= self.label_smoothing <= 1:
+            bad("label_smoothing", self.label_smoothing, "must be in [0, 1], as in F.cross_entropy")
+        for m in self.milestones:
+            if m <= 0 or (m >= 1 and not float(m).is_integer()):
+                bad("milestones", self.milestones, "each is a fraction of --epochs in (0, 1) or an epoch number >= 1")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            bad("milestones", self.milestones, "must increase (each one multiplies lr by --lr-gamma once)")
+        choices = {
+            "amp": (None, "off", "bf16", "fp16", "auto"),
+            "compile": (None, "off", "default", "max-autotune", "reduce-overhead"),
+            "optimizer_impl": ("auto", "fused", "foreach", "for-loop"),
+            "branch_impl": ("auto", "loop", "grouped"),
+            "fused_loss": ("auto", "on", "off"),
+            "ffm": ("on", "off"),
+            "lr_schedule": ("step", "cosine"),
+            "progress": ("auto", "on", "off"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), "use " + ", ".join(a for a in allowed if a is not None))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            bad("device", self.device, "use auto, cpu, cuda or cuda:N")
+        if self.resume is not None and not self.resume.strip():
+            bad("resume", self.resume, "use auto (the run folder's last.pt) or the path of a checkpoint")
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            bad("out", self.out, "is a file; --out names the run folder (a new or an existing run's folder)")
+        if not self.best_metric.startswith("acc_"):
+            bad("best_metric", self.best_metric, "best.pt keeps the epoch of the highest test accuracy: use "
+                "acc_branch_mean (default), acc_ensemble or another acc_* metric of the method")  # fmt: skip
         from okdfast.ops.classifier_diversity import CD_FORMS
 
         if self.cd_form not in CD_FORMS:
             bad("cd_form", self.cd_form, f"use {', '.join(CD_FORMS)}")
-        if self.cd_weight is not None and not self.cd_weight >= 0:
-            bad("cd_weight", self.cd_weight, "must be >= 0 (0 turns the CD loss off)")
-        if self.ffm not in ("on", "off"):
-            bad("ffm", self.ffm, "use on (the FFM target) or off (the mean of the auxiliary branches)")
-        if not self.target_ce >= 0:
-            bad("target_ce", self.target_ce, "must be >= 0 (0 drops CE(target, y))")
         if self.tensorboard:
             from okdfast.utils.tensorboard import INSTALL_HINT, tensorboard_available
 
             if not tensorboard_available():
-                raise ValueError(INSTALL_HINT)
-        if self.lr_schedule not in ("step", "cosine"):
-            bad("lr_schedule", self.lr_schedule, "use step or cosine")
-        if self.progress not in ("auto", "on", "off"):
-            bad("progress", self.progress, "use auto, on or off")
-        if self.workers < 0:
-            bad("workers", self.workers, "must be >= 0")
+                raise ConfigError(INSTALL_HINT)
         from okdfast.data.factory import LOADERS, install_hint
 
         if self.loader not in LOADERS:
@@ -163,52 +222,151 @@ class TrainConfig:
         resnet8), AMP and compile are off: bf16 autocast was 1.5-1.7x on this machine's AVX512-BF16 CPU, but it
         changes the numerics of the fp32 runs CPU users and tests compare against and is slow on CPUs without native
         bf16 (``--amp`` turns it on); compile was 1.2x but costs ~1 minute per run start, more than short CPU runs
-        gain (``--compile``). Measured with benchmarks/bench_train.py (benchmarks/results/train.csv)."""
+        gain (``--compile``). Measured with benchmarks/bench_train.py (benchmarks/results/train.csv).
+        ``--branch-impl auto`` becomes loop or grouped for the device type and arch (okdfast.models.grouped)."""
+        from okdfast.models.grouped import resolve_branch_impl
+
         on_cuda = device_type == "cuda"
         return dataclasses.replace(
             self,
             amp=self.amp if self.amp is not None else ("auto" if on_cuda else "off"),
             channels_last=self.channels_last if self.channels_last is not None else True,
             compile=self.compile if self.compile is not None else ("default" if on_cuda else "off"),
+            branch_impl=resolve_branch_impl(self.branch_impl, self.arch, device_type),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> TrainConfig:
+        """The config a run stored (its config.yaml, or a checkpoint's), checked like any other: ``where`` names the
+        file in messages. Derived keys config.yaml also holds (``num_classes``, ``data_source``, ...) are skipped."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: the stored config is a {type(values).__name__}, not a mapping of config keys")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - STORED_EXTRA_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: the stored config has keys this okdfast does not know ({', '.join(unknown)}): it was "
+                "written by another okdfast version; use that version, or start a new run"
+            )
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{where}: the stored config is not valid here: {error}") from None
+        return config
+
+
+# Keys config.yaml holds besides the fields (derived values, written for people and tools: okdfast.train).
+STORED_EXTRA_KEYS = frozenset(
+    {"milestones_epochs", "amp_dtype", "num_classes", "data_source", "world_size", "parameters", "data"}
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(_show(v) for v in value)
+    return repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
+
+
+def _type_problem(value: Any, annotation: str) -> str | None:
+    """Why ``value`` does not fit the field annotation ('int', 'float | None', 'list[float]', ...), or None."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        return None if optional else f"must be set (a {base.replace('list[float]', 'list of numbers')})"
+    if base == "bool":
+        if not isinstance(value, bool):
+            return "must be true or false" + (" (a string is not a boolean)" if isinstance(value, str) else "")
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer" + (f" (got a {type(value).__name__})" if not isinstance(value, str) else "")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if not math.isfinite(value):
+            return "must be a finite number"
+    elif base == "str":
+        if not isinstance(value, str):
+            return f"must be a string (got a {type(value).__name__})"
+    elif base == "list[float]":
+        if not isinstance(value, list | tuple) or any(
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in value
+        ):
+            return "must be a list of finite numbers"
+    return None
+
 
 _HELP = {
-    "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
-    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; torch on the CPU",
-    "method": "the method to train",
-    "arch": "backbone architecture",
-    "branches": "number of branches K (default: the method's)",
-    "dataset": "cifar10 | cifar100 | cinic10 | synthetic (offline, generated in memory)",
+    "method": "the method to train: baseline | independent | dml | one | cl_ilr | okddip | mde (the paper; see "
+    "--list-methods and README's table)",
+    "arch": "backbone architecture, cut into a shared trunk and K branches (see --list-archs)",
+    "branches": "number of branches K, 2..8 (default: the method's: 3; okddip and mde 4 = 3 auxiliaries + leader)",
+    "dataset": "cifar10 | cifar100 | cinic10 | synthetic (10 classes, generated in memory, no files) | synthetic100 "
+    "(its 100-class variant)",
     "data_dir": "folder holding the data set (default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data)",
     "download": "download the data set if it is missing (needs internet)",
-    "subset": "train on a seeded subset of N images (and test on N/5)",
-    "milestones": "epochs where lr is multiplied by --lr-gamma; values < 1 are fractions of --epochs",
+    "subset": "train on a seeded subset of N images (and test on N/5), N >= 5, for quick runs",
+    "data_seed": "seed of the synthetic data and of the --subset draw (kept apart from --seed, so seeds compare)",
+    "workers": "DataLoader worker processes of the torch loader; threads of DALI / FFCV",
+    "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
+    "auto: gpu on CUDA when the data fits, else dali if installed, else torch; torch on the CPU",
+    "epochs": "number of epochs (the lr milestones and the KD ramp-up scale with it; 300 in the paper)",
+    "batch_size": "global batch size, >= 2 per process (split evenly over torchrun processes)",
+    "eval_batch_size": "batch size of the test-set evaluation (no effect on the result)",
+    "lr": "initial learning rate of SGD (0.1 for batch 128 in the paper)",
+    "momentum": "SGD momentum, in [0, 1)",
+    "nesterov": "Nesterov momentum (--no-nesterov for plain momentum)",
+    "weight_decay": "L2 weight decay of SGD, on every parameter as in the OKDDip code",
+    "milestones": "epochs where lr is multiplied by --lr-gamma; values < 1 are fractions of --epochs (0.5 0.75: "
+    "epochs 150 and 225 of 300); milestones at or after the last epoch are left out (logged)",
+    "lr_gamma": "factor lr is multiplied by at each milestone",
+    "lr_schedule": "step: multiply lr by --lr-gamma at --milestones (the paper); cosine: anneal to 0 over --epochs",
+    "temperature": "temperature T of the distillation softmax, > 0",
+    "alpha": "weight of the KD terms after the ramp-up (0 turns distillation off)",
     "rampup_epochs": "length L of the KD ramp-up w(e); default 80 per 300 epochs",
     "detach_teacher": "stop the gradient into KD targets (default: each method's reference-code choice)",
-    "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto); default: auto on CUDA, off on CPU",
-    "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default); "
-    "default: default on CUDA, off on CPU",
-    "channels_last": "channels-last memory format (default: on; --no-channels-last for NCHW)",
-    "cuda_graphs": "replay the whole train step as CUDA graphs (static shapes; the last partial batch runs eagerly)",
-    "sync_bn": "BatchNorm statistics over the global batch under torchrun (default: on when distributed)",
-    "batch_size": "global batch size (split evenly over torchrun processes)",
-    "resume": "checkpoint to resume from, or 'auto' for the run folder's last.pt",
-    "max_steps": "stop after this many optimizer steps (for smoke tests and benchmarks)",
-    "lr_schedule": "step: multiply lr by --lr-gamma at --milestones (the paper); cosine: anneal to 0 over --epochs",
-    "tensorboard": "also write TensorBoard scalars (every metric, loss term, lr, images/s) to RUN_DIR/tensorboard",
-    "fused_loss": "the online-KD / CD losses: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off "
-    "(the reference in plain PyTorch)",
-    "optimizer_impl": "SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | for-loop",
-    "nan_check_every": "optimizer steps between host-side checks of the non-finite-loss guard (each check syncs)",
     "cd_weight": "lambda_CD, the weight of mde's CD loss (default: the --cd-form's, frobenius 5e-8; 0 turns it off)",
     "cd_form": "mde's Classifier Diversification loss over pairs of auxiliary classifiers: frobenius "
     "(sum ||W_i^T W_j||_F) | abscos (mean |cos|) | cos2 (mean cos^2); docs/METHOD.md section 3",
     "ffm": "mde's Feature Fusion Module: on (attention target) | off (target = mean of the auxiliary branches)",
     "target_ce": "weight of CE(target, y), the FFM target's own cross-entropy in mde's loss",
+    "detach_leader_target": "mde: detach the auxiliaries' mean that distils into the leader, so L_kl2 trains the "
+    "leader only (our reading); --no-detach-leader-target lets it train the auxiliaries too, as OKDDip's code does",
+    "label_smoothing": "label smoothing eps of every cross-entropy, in [0, 1]",
+    "fused_loss": "the online-KD / CD losses: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off "
+    "(the reference in plain PyTorch)",
+    "device": "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N",
+    "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto); default: auto on CUDA, off on CPU "
+    "(auto on a CPU without native bf16 runs fp32: bf16 is several times slower there)",
+    "channels_last": "channels-last memory format (default: on; --no-channels-last for NCHW)",
+    "compile": "torch.compile mode: off | default | max-autotune | reduce-overhead (bare --compile = default); "
+    "default: default on CUDA, off on CPU",
+    "cuda_graphs": "replay the whole train step as CUDA graphs (static shapes; the last partial batch runs eagerly)",
+    "optimizer_impl": "SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | for-loop",
+    "branch_impl": "how the K branches run: loop (one after another) | grouped (as one network: grouped convs, one "
+    "BN and one batched classifier over the K branches; same results) | auto (per device and arch, what "
+    "benchmarks/bench_branches.py measured faster; okdfast/models/grouped.py)",
+    "sync_bn": "BatchNorm statistics over the global batch under torchrun (default: on when distributed)",
+    "nan_check_every": "optimizer steps between host-side checks of the non-finite-loss guard (each check syncs)",
+    "seed": "seed of the initial weights, the shuffle and the augmentation (the data draw has --data-seed)",
+    "deterministic": "bit-reproducible kernels (slower); needed for exact resume equality on GPU",
+    "out": "run folder (default: runs/<method>_<arch>_<dataset>_k<K>_s<seed>); created when training starts",
+    "resume": "continue the run in --out: 'auto' (its last.pt, or a fresh start if it has none) or the PATH of a "
+    "checkpoint; the run's own config is used, and flags that contradict it are refused (speed and path flags "
+    "may change; they are recorded in sessions.jsonl)",
+    "best_metric": "the test accuracy whose highest epoch is kept as best.pt (acc_branch_mean, acc_ensemble, or the "
+    "method's acc_<head>)",
+    "max_steps": "stop after this many optimizer steps in total (smoke tests, benchmarks); --resume auto continues",
+    "progress": "auto | on | off: a progress bar on a terminal (auto), a line every --log-every seconds elsewhere",
+    "log_every": "seconds between progress lines (step, loss, lr, images/s) when no bar is shown; 0: none",
+    "tensorboard": "also write TensorBoard scalars (every metric, loss term, lr, images/s) to RUN_DIR/tensorboard",
 }
 
 
@@ -220,64 +378,89 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text else super()._get_help_string(action)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The CLI. ``explicit_only``: no defaults at all, so the parsed namespace holds only the flags given."""
     parser = argparse.ArgumentParser(
         prog="python -m okdfast.train",
         description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
         formatter_class=_DefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if explicit_only else None,
     )
-    parser.add_argument("--config", default=None, help="YAML file of config values (flags override it)")
+    parser.add_argument("--config", help="YAML file of config values (flags override it)")
     parser.add_argument("--list-archs", action="store_true", help="print the registered architectures and exit")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        options: dict[str, Any] = {"help": _HELP.get(f.name, f.name.replace("_", " "))}
+        if not explicit_only:
+            options["default"] = None if f.type == "bool | None" else default
         if f.name in ("amp", "compile"):
             const = "auto" if f.name == "amp" else "default"
-            parser.add_argument(_flag(f.name), nargs="?", const=const, default=default, help=help_text)
-        elif f.type in ("bool",):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.type == "bool | None":
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(_flag(f.name), nargs="?", const=const, **options)
+        elif f.type in ("bool", "bool | None"):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **options)
         elif f.name == "milestones":
-            parser.add_argument(_flag(f.name), type=float, nargs="+", default=default, help=help_text)
+            parser.add_argument(_flag(f.name), type=float, nargs="+", **options)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text)
+            parser.add_argument(_flag(f.name), type=kind, **options)
     return parser
 
 
+# YAML 1.1 (PyYAML) reads unquoted on/off/yes/no as booleans; for the fields whose values are words like 'on' and
+# 'off' (--ffm off, --amp off, --progress off) a boolean there means that word.
+_WORD_FOR_BOOL = {True: "on", False: "off"}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+    """The config values of a YAML file, keys as field names (``batch-size`` and ``batch_size`` alike). Their types
+    and ranges are checked with the rest by :meth:`TrainConfig.validate`."""
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error.strerror or error})") from None
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of config keys, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+        raise ConfigError(f"--config {path}: expected a mapping of config keys, got {type(values).__name__}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"--config {path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; known keys: {sorted(types)}")
+    for name, value in values.items():
+        if isinstance(value, bool) and types[name].removesuffix(" | None") == "str":
+            values[name] = _WORD_FOR_BOOL[value]
     return values
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Command line (and optional YAML) -> validated TrainConfig, plus the raw namespace for the --list flags."""
+    """Command line (and optional YAML) -> validated TrainConfig, plus the raw namespace for the --list flags.
+
+    The namespace's ``explicit`` is the set of fields the command line or the YAML file set (a resumed run compares
+    those with its stored config)."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
+    args = parser.parse_args(argv)  # --help, unknown flags and unparsable values exit here with status 2
+    given = vars(build_parser(explicit_only=True).parse_args(argv))
+    given = {k: v for k, v in given.items() if k not in ("config", "list_archs", "list_methods")}
+    from_yaml: dict[str, Any] = {}
+    if args.config:
         try:
-            parser.set_defaults(**load_yaml(pre.config))
-        except (OSError, ValueError) as error:
+            from_yaml = load_yaml(args.config)
+        except ConfigError as error:
             parser.error(str(error))
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**values)
+    defaults = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in given}
+    config = TrainConfig(**(defaults | from_yaml | given))
     try:
         config.validate()
-    except ValueError as error:
-        parser.error(str(error))  # exits with status 2 and the usage line, not a traceback
+    except ConfigError as error:
+        name = getattr(error, "field", None)
+        source = f" (set in {args.config})" if name in from_yaml and name not in given else ""
+        parser.error(f"{error}{source}")  # exits with status 2 and the usage line, not a traceback
+    args.explicit = set(from_yaml) | set(given)
     return config, args

@@ -8,8 +8,9 @@ Per run, in RUN_DIR/plots/:
 - losses.png: the training loss terms per epoch (total, CE, KD, teacher CE, CD; whichever the method has).
 - diversity.png: the branches' diversity per epoch: mean pairwise KL (left axis) and disagreement (right axis).
 Given several runs, also OUT/comparison.png (OUT: --out, default the runs' common parent folder + /plots): the
-final top-1 error (%) of each (method, arch, data set), branch mean and ensemble, mean over its seeds with the
-sample std as error bar; finished runs only unless --include-unfinished.
+final top-1 error (%) of each experiment, branch mean and ensemble, mean over its seeds with the sample std as
+error bar (runs are seeds of one experiment only when their configs are equal in everything but the seed);
+finished runs only unless --include-unfinished.
 
 Each ``*_figure`` function returns the matplotlib Figure (object-oriented API, no pyplot state, no backend
 switch), so callers and tests can inspect its lines and bars. matplotlib is optional: without it this module says
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from okdfast.recipe import pooling_differences, pooling_key
+from okdfast.utils.metrics_log import read_rows
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -69,8 +73,12 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; pass a run folder written by okdfast.train")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if not row.get("partial")]
+    try:
+        rows = [row for row in read_rows(metrics) if not row.get("partial")]
+    except ValueError as error:
+        raise FileNotFoundError(
+            f"{error}: the file was changed by hand; okdfast.train rewrites it on --resume"
+        ) from None
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -153,19 +161,41 @@ def diversity_figure(run: RunData) -> Figure:
 
 
 def comparison_groups(runs: list[RunData]) -> dict[str, dict[str, list[float]]]:
-    """(method arch dataset) -> {'branch mean': errors, 'ensemble': errors} of the last epoch, one per run."""
-    groups: dict[str, dict[str, list[float]]] = {}
+    """Label -> {'branch mean': errors, 'ensemble': errors} of the last epoch, one per run.
+
+    Runs are pooled (as seeds of one experiment, n = the number of runs) only when their configs are equal in
+    everything but the seed and the settings that do not change the maths (``okdfast.recipe.pooling_key``). The
+    label is 'method\\narch\\ndataset', plus the fields that tell apart groups that share those three."""
+    pooled: dict[str, list[RunData]] = {}
     for run in runs:
         last = run.summary.get("last") or (run.rows[-1] if run.rows else {})
-        if "acc_branch_mean" not in last:
-            continue
-        c = run.config
-        key = f"{c.get('method', '?')}\n{c.get('arch', '?')}\n{c.get('dataset', '?')}"
-        group = groups.setdefault(key, {"branch mean": [], "ensemble": []})
-        group["branch mean"].append(100.0 - last["acc_branch_mean"])
-        if "acc_ensemble" in last:
-            group["ensemble"].append(100.0 - last["acc_ensemble"])
+        if "acc_branch_mean" in last:
+            pooled.setdefault(pooling_key(run.config), []).append(run)
+    base = {key: _base_label(members[0].config) for key, members in pooled.items()}
+    groups: dict[str, dict[str, list[float]]] = {}
+    for key, members in pooled.items():
+        label = base[key]
+        rivals = [pooled[k][0].config for k in pooled if base[k] == label]
+        if len(rivals) > 1:
+            c = members[0].config
+            label += "\n" + " ".join(f"{name}={_short(c.get(name))}" for name in pooling_differences(rivals))
+        group = groups.setdefault(label, {"branch mean": [], "ensemble": []})
+        for run in members:
+            last = run.summary.get("last") or run.rows[-1]
+            group["branch mean"].append(100.0 - last["acc_branch_mean"])
+            if "acc_ensemble" in last:
+                group["ensemble"].append(100.0 - last["acc_ensemble"])
     return groups
+
+
+def _base_label(c: dict[str, Any]) -> str:
+    return f"{c.get('method', '?')}\n{c.get('arch', '?')}\n{c.get('dataset', '?')}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(_short(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def comparison_figure(

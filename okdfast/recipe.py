@@ -45,6 +45,16 @@ DERIVED_KEYS = frozenset({"data_source", "world_size", "parameters", "milestones
 POOLING_EXEMPT = SESSION_FIELDS | TUNABLE_FIELDS | DERIVED_KEYS | {"seed", "branch_impl"}
 
 
+# Fields with a value that means "resolve the default" (a stored config holds what it resolved to): that value
+# does not contradict the stored one, whether a flag, a plan or a caller of run() gives it.
+UNSET = {"branches": None, "rampup_epochs": None, "amp": None, "channels_last": None, "compile": None,
+         "branch_impl": "auto"}  # fmt: skip
+
+
+def is_unset(name: str, value: Any) -> bool:
+    return name in UNSET and value == UNSET[name] and type(value) is type(UNSET[name])
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

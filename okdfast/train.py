@@ -5,59 +5,54 @@ Single process (CPU or one GPU):
     python -m okdfast.train --dataset synthetic --arch resnet8 --epochs 2          # offline smoke run
 Several GPUs on one node (DDP; the global batch is batch-size x processes):
     torchrun --standalone --nproc_per_node=4 -m okdfast.train --method mde --amp
-Resume an interrupted run (exactly, in --deterministic mode):
+Resume an interrupted run (exactly, in --deterministic mode), with the run's own config:
     python -m okdfast.train --out runs/my_run --resume auto
 
-The loop reads top to bottom: config -> distributed setup -> data -> method (network + heads) -> optimizer ->
-resume -> epochs of (train, evaluate, log, checkpoint) -> summary.
+The loop reads top to bottom: config -> distributed setup -> what this start is (okdfast.resume) -> data -> method
+(network + heads) -> optimizer -> resume -> run folder (okdfast.run_folder) -> epochs of (train, evaluate, log,
+checkpoint) -> summary. Errors the user can fix (okdfast.errors.UserError) end the CLI with one line, not a traceback.
 """
 
 from __future__ import annotations
 
-import json
-import signal
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+from okdfast.checkpointing import RunState, check_same_data, checkpoint_payload, data_fingerprint, load_weights
+from okdfast.checkpointing import restore_checkpoint as restore_from_payload
 from okdfast.config import TrainConfig, parse_config
 from okdfast.data import build_data_loaders, build_loaders, load_dataset
+from okdfast.errors import EXIT_USER_ERROR, ConfigError, UserError
 from okdfast.evaluate import evaluate
 from okdfast.methods import Method, MethodConfig, create_method, list_methods, method_class, sigmoid_rampup
 from okdfast.models import list_models
+from okdfast.precision import amp_notes, resolve_amp
+from okdfast.progress import EpochProgress
+from okdfast.resume import Start, plan_start
+from okdfast.run_checks import check_best_metric, check_for_device
+from okdfast.run_folder import RunFolder
+from okdfast.signals import StopRequested, should_stop
 from okdfast.step import TrainStep, build_optimizer
-from okdfast.utils.checkpoint import atomic_save, safe_load
+from okdfast.utils.checkpoint import load_checkpoint
 from okdfast.utils.distributed import DistInfo, cleanup_distributed, setup_distributed
 from okdfast.utils.environment import environment_manifest
-from okdfast.utils.metrics_log import MetricsLog
 from okdfast.utils.nan_guard import NonFiniteGuard
-from okdfast.utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+from okdfast.utils.seeding import seed_everything
 from okdfast.utils.sync_batchnorm import convert_sync_batchnorm
 from okdfast.utils.tensorboard import open_tensorboard
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["RunState", "main", "method_config", "resolve_amp", "run"]
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto': bf16 where the device supports it, else fp16 (CUDA only); CPU autocast runs bf16."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 def method_config(config: TrainConfig) -> MethodConfig:
     branches = config.branches if config.branches is not None else method_class(config.method).default_branches
     return MethodConfig(
@@ -73,138 +68,11 @@ def method_config(config: TrainConfig) -> MethodConfig:
         detach_leader_target=config.detach_leader_target,
         label_smoothing=config.label_smoothing,
         fused_loss=config.fused_loss,
+        branch_impl=config.branch_impl,
     )
 
 
-def default_run_dir(config: TrainConfig, branches: int) -> Path:
-    return Path("runs") / f"{config.method}_{config.arch}_{config.dataset}_k{branches}_s{config.seed}"
-
-
-@dataclass
-class RunState:
-    """What a checkpoint restores besides the modules: where we are and the best result so far."""
-
-    epoch: int = 0  # epochs fully done
-    step_in_epoch: int = 0  # optimizer steps done inside the current (unfinished) epoch
-    global_step: int = 0
-    best_value: float = float("-inf")
-    best_epoch: int = -1
-    partial_sums: dict[str, float] = field(default_factory=dict)  # train-term sums of the unfinished epoch
-
-
-class StopRequested:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step, so it can checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequested:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave the default handlers
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class RunLog:
-    """Prints on rank 0 and appends the same lines to RUN_DIR/train.log."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "train.log"
-
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        print(message, flush=True)
-        with self.path.open("a") as handle:
-            handle.write(message + "\n")
-
-
-# ------------------------------------------------------------------------------------------------------ checkpoint
-def checkpoint_payload(
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    state: RunState,
-    config: TrainConfig,
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "layout_version": method.layout_version,
-        "model": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "state": {
-            "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch,
-            "global_step": state.global_step,
-            "best_value": state.best_value,
-            "best_epoch": state.best_epoch,
-            "partial_sums": state.partial_sums,
-        },
-        "rng": capture_rng_state(),
-        "config": config.to_dict(),
-    }
-
-
-def restore_checkpoint(
-    path: Path,
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    device: torch.device,
-) -> RunState:
-    payload = safe_load(path, map_location=device)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {path}: checkpoint format {payload.get('format')} is not {CHECKPOINT_FORMAT}")
-    type(method).check_layout(payload.get("layout_version"), f"--resume {path}")
-    method.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload["scaler"] is not None:
-        scaler.load_state_dict(payload["scaler"])
-    restore_rng_state(payload["rng"])
-    return RunState(**payload["state"])
-
-
-def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
-    last = run_dir / "last.pt"
-    if config.resume is None:
-        if last.exists():
-            raise FileExistsError(
-                f"run folder {run_dir} already holds {last.name}: pass --resume auto to continue it, "
-                "or --out NEW_FOLDER to start a new run"
-            )
-        return None
-    if config.resume == "auto":
-        return last if last.exists() else None
-    return Path(config.resume)
-
-
 # ----------------------------------------------------------------------------------------------------------- train
-def _progress(iterable: Any, total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def train_one_epoch(
     step: TrainStep,
     loader: Any,
@@ -216,7 +84,7 @@ def train_one_epoch(
     stop: StopRequested,
     guard: NonFiniteGuard,
     dist_info: DistInfo,
-    show_progress: bool,
+    progress: EpochProgress,
 ) -> tuple[dict[str, float], int, float, bool]:
     """One epoch (or what is left of it after a mid-epoch resume).
 
@@ -228,12 +96,11 @@ def train_one_epoch(
     batches: Iterator = iter(loader)
     if state.step_in_epoch:  # mid-epoch resume: the order of epoch e is a pure function of (seed, e)
         batches = islice(batches, state.step_in_epoch, None)
-    bar = _progress(batches, len(loader) - state.step_in_epoch, show_progress, f"epoch {state.epoch}")
     kd_weight_t = torch.tensor(kd_weight, dtype=torch.float32, device=device)  # a tensor: no recompile per epoch
     scaler = step.scaler
     start = time.perf_counter()
     interrupted = False
-    for images, target in bar:
+    for images, target in progress.wrap(batches):
         images = images.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -254,13 +121,8 @@ def train_one_epoch(
         state.global_step += 1
         if state.global_step % config.nan_check_every == 0:
             guard.check()
-        if show_progress and steps_done_here % 20 == 0:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{total.item():.3f}",
-                lr=f"{step.optimizer.param_groups[0]['lr']:.3g}",
-                img_s=f"{images_seen / elapsed:.0f}",
-            )
+        lr = float(step.optimizer.param_groups[0]["lr"])
+        progress.update(steps_done_here, total, lr, images_seen, time.perf_counter() - start)
         if should_stop(stop, dist_info, state.global_step):
             interrupted = True
             break
@@ -275,27 +137,19 @@ def train_one_epoch(
     return host_sums, images_seen, seconds, interrupted
 
 
-def should_stop(stop: StopRequested, dist_info: DistInfo, global_step: int, every: int = 10) -> bool:
-    """Single process: whether a signal arrived. Under DDP the ranks agree every ``every`` steps (one tiny
-    all-reduce), so they all stop after the same step and no rank waits forever in a gradient all-reduce."""
-    if not dist_info.enabled:
-        return stop.signum is not None
-    if global_step % every:
-        return False
-    flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
-    if torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def merge_sums(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    return {k: previous.get(k, 0.0) + new.get(k, 0.0) for k in set(previous) | set(new)}
+    """Sums of two parts of an epoch, in a fixed order (the first part's, then new names as they came): the log and
+    metrics.csv list the loss terms in the same order in every process."""
+    names = list(previous) + [name for name in new if name not in previous]
+    return {name: previous.get(name, 0.0) + new.get(name, 0.0) for name in names}
 
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
-    """The CLI (``python -m okdfast.train`` and the ``okdfast-train`` console script); ``run`` returns the summary."""
+    """The CLI (``python -m okdfast.train`` and the ``okdfast-train`` console script); ``run`` returns the summary.
+
+    A :class:`~okdfast.errors.UserError` (a bad value, path, data set, checkpoint, a full disk, a diverged run)
+    prints one line and exits with status 2; anything else is a bug and keeps its traceback."""
     config, args = parse_config(argv)
     if args.list_archs or args.list_methods:
         if args.list_archs:
@@ -303,38 +157,48 @@ def main(argv: list[str] | None = None) -> None:
         if args.list_methods:
             print("\n".join(list_methods()))
         return
-    run(config)
+    try:
+        run(config, explicit=args.explicit)
+    except UserError as error:
+        print(f"okdfast.train: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("okdfast.train: stopped at once by a second signal (nothing saved since the last checkpoint; "
+              "continue with --resume auto)", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(130) from None
 
 
-def run(config: TrainConfig) -> dict[str, Any]:
-    """Train with a resolved config; returns the summary (also written to RUN_DIR/summary.json)."""
+def run(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Train with a validated config; returns the summary (also written to RUN_DIR/summary.json).
+
+    ``explicit``: the fields the command line set (``parse_config``'s); None for a library caller, whose every set
+    field counts (a resumed run refuses values that contradict its own config, ``okdfast.resume``)."""
     dist_info, device = setup_distributed(config.device)
     try:
-        return _run(config, dist_info, device)
+        start = plan_start(config, explicit, writer=dist_info.is_main)
+        return _run(start, dist_info, device)
     finally:
         cleanup_distributed()
 
 
-def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
-    config = config.resolve_speed_defaults(device.type)
+def _run(start: Start, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
+    config = start.config.resolve_speed_defaults(device.type)
     mcfg = method_config(config)
-    run_dir = Path(config.out) if config.out else default_run_dir(config, mcfg.num_branches)
-    resume_path = resolve_resume(config, run_dir)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir, dist_info.is_main)
+    # The run's config with every default made concrete: what the checkpoint and config.yaml record.
+    config = dataclasses.replace(config, branches=mcfg.num_branches, rampup_epochs=mcfg.rampup_epochs)
+    folder: RunFolder = start.folder
+    log = folder.log  # printed now; written into train.log once the folder exists
+    check_for_device(config, device, dist_info.world_size)
     seed_everything(config.seed, config.deterministic)
     amp_dtype = resolve_amp(config.amp, device)
-    if config.batch_size % dist_info.world_size:
-        raise ValueError(
-            f"--batch-size {config.batch_size} is the global batch: it must divide evenly over the "
-            f"{dist_info.world_size} processes"
-        )
 
     # data: each rank takes its DistributedSampler-style shard of every global batch
     splits = load_dataset(
         config.dataset, config.data_dir, download=config.download, subset=config.subset, seed=config.data_seed
     )
+    data = data_fingerprint(splits)
+    if start.payload is not None:
+        check_same_data(start.payload.get("data"), splits, f"--resume {start.checkpoint}")
     distributed = (dist_info.rank, dist_info.world_size) if dist_info.enabled else None
     # Batches arrive on `device`, normalised, in the model's memory format (--loader; okdfast.data.factory).
     train_loader, test_loader = build_data_loaders(
@@ -349,10 +213,12 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         channels_last=bool(config.channels_last),
         data_dir=config.data_dir,
         verbose=dist_info.is_main,
+        min_last_batch=2,  # BatchNorm cannot train on one image: a tail of one is dropped (logged below)
     )
 
     # method: network + heads
     method: Method = create_method(config.method, config.arch, splits.num_classes, mcfg)
+    check_best_metric(config, method, torch.device("cpu"))
     if dist_info.enabled and (config.sync_bn is None or config.sync_bn):
         method = convert_sync_batchnorm(method, device)  # type: ignore[assignment]
     method = method.to(device)
@@ -392,42 +258,50 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         cuda_graphs=config.cuda_graphs,
         full_batch=config.batch_size // dist_info.world_size,
     )
-    guard = NonFiniteGuard(device)
 
-    state = RunState()
-    if resume_path is not None:
-        state = restore_checkpoint(resume_path, method, optimizer, scheduler, scaler, device)
-        log(f"resumed from {resume_path}: epoch {state.epoch}, step {state.step_in_epoch} of it")
+    state, history = RunState(), []
+    if start.payload is not None:
+        state = restore_from_payload(
+            start.payload, method, optimizer, scheduler, scaler, f"--resume {start.checkpoint}"
+        )
+        history = list(start.payload.get("history") or [])
+    guard = NonFiniteGuard(device, first_step=state.global_step)
 
+    # Everything is ready: from here on the run folder is written (a start that failed above left nothing).
     num_params = sum(p.numel() for p in method.parameters())
+    removed = folder.create()
+    if removed:
+        log(
+            f"removed {len(removed)} temporary file(s) of writes a kill cut short: {', '.join(p.name for p in removed)}"
+        )
     if dist_info.is_main:
-        resolved = config.to_dict() | {
-            "branches": mcfg.num_branches,
-            "milestones_epochs": config.resolved_milestones(),
-            "rampup_epochs": mcfg.rampup_epochs,
-            "amp_dtype": str(amp_dtype),
-            "num_classes": splits.num_classes,
-            "data_source": splits.source,
-            "world_size": dist_info.world_size,
-            "parameters": num_params,
-        }
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        (run_dir / "environment.json").write_text(json.dumps(environment_manifest(device), indent=2))
+        record_start(folder, start, config, mcfg, amp_dtype, splits, data, dist_info, num_params, device, state)
+        if start.checkpoint is not None and folder.repair_best(start.checkpoint, state.as_dict()):
+            log(f"relinked {folder.best} to {folder.last}: a kill had fallen between writing the two")
     log(
         f"{config.method} | {config.arch} K={mcfg.num_branches} | {splits.name} ({splits.source}: "
         f"{len(splits.train)} train / {len(splits.test)} test) | {num_params / 1e6:.3f}M params | device {device} "
         f"| amp {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'} | channels-last "
-        f"{'on' if config.channels_last else 'off'} | compile {config.compile} | run folder {run_dir}"
+        f"{'on' if config.channels_last else 'off'} | compile {config.compile} | run folder {folder}"
     )
+    for note in amp_notes(config.amp, device) + config.milestone_notes() + tail_notes(train_loader.plan):
+        log(note)
+    if start.resumed:
+        log(f"resumed from {start.checkpoint}: epoch {state.epoch}, step {state.step_in_epoch} of it")
+    for name, (before, now) in start.changes.items():
+        log(f"--{name.replace('_', '-')} {now} for this session (the run started with {before}; sessions.jsonl)")
 
-    metrics_log = MetricsLog(run_dir, resume_epoch=state.epoch) if dist_info.is_main else None
-    tensorboard = open_tensorboard(run_dir, state.epoch) if config.tensorboard and dist_info.is_main else None
-    show_progress = dist_info.is_main and (
-        config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())
-    )
+    metrics_log = folder.metrics(history) if dist_info.is_main else None
+    tensorboard = open_tensorboard(folder.path, state.epoch) if config.tensorboard and dist_info.is_main else None
     last_metrics: dict[str, Any] = {}
     finished = state.epoch >= config.epochs
     interrupted = False
+
+    def save(improved: bool = False) -> None:
+        if dist_info.is_main:
+            rows = metrics_log.history if metrics_log is not None else []
+            payload = checkpoint_payload(method, optimizer, scheduler, scaler, state, config, history=rows, data=data)
+            folder.save_checkpoint(payload, best=improved)
 
     with StopRequested() as stop:
         while state.epoch < config.epochs:
@@ -435,6 +309,15 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
             train_loader.set_epoch(epoch)
             kd_weight = config.alpha * sigmoid_rampup(epoch, mcfg.rampup_epochs)
             lr = float(optimizer.param_groups[0]["lr"])
+            progress = EpochProgress(
+                progress=config.progress,
+                log_every=config.log_every,
+                is_main=dist_info.is_main,
+                log=log,
+                epoch=epoch,
+                total=len(train_loader),
+                done=state.step_in_epoch,
+            )
             sums, images, seconds, interrupted = train_one_epoch(
                 step,
                 train_loader,
@@ -445,21 +328,18 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
                 stop=stop,
                 guard=guard,
                 dist_info=dist_info,
-                show_progress=show_progress,
+                progress=progress,
             )
             sums = merge_sums(state.partial_sums, sums)
             epoch_done = state.step_in_epoch >= len(train_loader)
             reached_max = config.max_steps is not None and state.global_step >= config.max_steps
             if interrupted or (reached_max and not epoch_done):
                 state.partial_sums = sums
-                if dist_info.is_main:
-                    atomic_save(
-                        checkpoint_payload(method, optimizer, scheduler, scaler, state, config), run_dir / "last.pt"
-                    )
+                save()
                 if interrupted:
                     log(
                         f"stopped by signal {stop.signum} at epoch {epoch} step {state.step_in_epoch}; "
-                        f"saved {run_dir / 'last.pt'}; continue with --resume auto"
+                        f"saved {folder.last}; continue with --resume auto"
                     )
                     break
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
@@ -481,17 +361,11 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
                 state.epoch += 1
                 state.step_in_epoch = 0
                 state.partial_sums = {}
-                value = test_metrics.get(config.best_metric)
-                if value is None:
-                    raise ValueError(f"--best-metric {config.best_metric}: choose one of {sorted(test_metrics)}")
+                value = test_metrics[config.best_metric]  # a metric of this method: checked at the start
                 improved = value > state.best_value
                 if improved:
                     state.best_value, state.best_epoch = value, epoch
-                if dist_info.is_main:
-                    payload = checkpoint_payload(method, optimizer, scheduler, scaler, state, config)
-                    atomic_save(payload, run_dir / "last.pt")
-                    if improved:
-                        atomic_save(payload, run_dir / "best.pt")
+                save(improved)
             if reached_max:
                 break
         finished = state.epoch >= config.epochs
@@ -499,7 +373,7 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
         tensorboard.close()
 
     summary = {
-        "run_dir": str(run_dir),
+        "run_dir": str(folder),
         "finished": finished,
         "interrupted": interrupted,
         "epochs_done": state.epoch,
@@ -512,14 +386,73 @@ def _run(config: TrainConfig, dist_info: DistInfo, device: torch.device) -> dict
     if dist_info.enabled:
         summary["ddp_max_param_divergence"] = parameter_divergence(method, device)
     if metrics_log is not None and metrics_log.rows:
-        summary["best"] = best_of(metrics_log.rows)
-        full_epochs = [r for r in metrics_log.rows if not r.get("partial")]
+        summary["best"] = best_of(metrics_log.history or metrics_log.rows)
+        full_epochs = metrics_log.history
         if full_epochs:
             summary["images_per_sec_median"] = sorted(r["images_per_sec"] for r in full_epochs)[len(full_epochs) // 2]
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist_info.is_main:
+        folder.write_summary(summary)
     if interrupted and stop.signum is not None:
         raise SystemExit(128 + stop.signum)
     return summary
+
+
+def record_start(
+    folder: RunFolder,
+    start: Start,
+    config: TrainConfig,
+    mcfg: MethodConfig,
+    amp_dtype: torch.dtype | None,
+    splits: Any,
+    data: dict[str, Any],
+    dist_info: DistInfo,
+    num_params: int,
+    device: torch.device,
+    state: RunState,
+) -> None:
+    """config.yaml and environment.json for a new run (written once); a sessions.jsonl line for every start."""
+    environment = environment_manifest(device)
+    if start.new_run:
+        resolved = config.to_dict() | {
+            "branches": mcfg.num_branches,
+            "milestones_epochs": config.resolved_milestones(),
+            "rampup_epochs": mcfg.rampup_epochs,
+            "amp_dtype": str(amp_dtype),
+            "num_classes": splits.num_classes,
+            "data_source": splits.source,
+            "data": data,
+            "world_size": dist_info.world_size,
+            "parameters": num_params,
+        }
+        folder.write_config(resolved)
+        folder.write_environment(environment)
+    folder.append_session(
+        {
+            "session": folder.sessions() + 1,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": (
+                {"checkpoint": str(start.checkpoint), "epoch": state.epoch, "step_in_epoch": state.step_in_epoch}
+                if start.resumed
+                else None
+            ),
+            "changed": {name: {"run": before, "now": now} for name, (before, now) in start.changes.items()},
+            "world_size": dist_info.world_size,
+            "environment": environment,
+        }
+    )
+
+
+def tail_notes(plan: Any) -> list[str]:
+    """What was done with an epoch's last batch that BatchNorm could not train on (a log line), if anything."""
+    dropped = plan.dropped_per_epoch
+    if not dropped:
+        return []
+    return [
+        f"the last batch of every epoch would hold {dropped} image ({plan.num_samples} = "
+        f"{plan.num_samples // plan.batch_size} x {plan.batch_size} + {dropped} per process): BatchNorm cannot "
+        "train on one image, so it is left out of that epoch (the shuffle changes every epoch, so a different image "
+        "each time); pick a --batch-size that leaves a larger tail to keep it"
+    ]
 
 
 def parameter_divergence(method: nn.Module, device: torch.device) -> float:
@@ -559,20 +492,24 @@ def format_row(row: dict[str, Any], method: Method) -> str:
 def build_eval_from_checkpoint(
     checkpoint: str, *, data_dir: str | None = None, device: str = "auto", batch_size: int = 500
 ) -> dict[str, float]:
-    """Rebuild a run's method and test set from a checkpoint's own config and evaluate it."""
-    payload = safe_load(checkpoint)
-    config = TrainConfig(**payload["config"])
+    """Rebuild a run's method and test set from a checkpoint's own config and evaluate it (messages name
+    ``okdfast.evaluate``, the command that asked)."""
+    where = "okdfast.evaluate"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{where} --batch-size {batch_size}: must be an integer >= 1")
+    payload = load_checkpoint(checkpoint, where=where)
+    config = TrainConfig.from_dict(payload["config"], f"{where} {checkpoint}")
     if data_dir is not None:
         config.data_dir = data_dir
     _, torch_device = setup_distributed(device)
     splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.data_seed)
+    check_same_data(payload.get("data"), splits, f"{where} {checkpoint}")
     _, test_loader = build_loaders(
         splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
     )
-    method = create_method(config.method, config.arch, splits.num_classes, method_config(config)).to(torch_device)
-    type(method).check_layout(payload.get("layout_version"), checkpoint)
-    method.load_state_dict(payload["model"])
-    return evaluate(method, test_loader, torch_device)
+    method = create_method(config.method, config.arch, splits.num_classes, method_config(config))
+    load_weights(payload, method, f"{where} {checkpoint}")
+    return evaluate(method.to(torch_device), test_loader, torch_device)
 
 
 if __name__ == "__main__":

@@ -134,15 +134,19 @@ def test_yaml_config_and_flag_precedence(tmp_path):
         parse_config(["--config", str(path)])
 
 
-def test_missing_data_fails_fast_and_names_the_alternative(tmp_path, monkeypatch):
+def test_missing_data_fails_fast_and_names_the_alternative(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OKDFAST_DATA", str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
-    with pytest.raises(DatasetNotFoundError) as error:
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one message, no traceback
         main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert time.perf_counter() - start < 10
-    text = str(error.value)
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err
     assert str(tmp_path / "empty") in text and "--dataset synthetic" in text and "--download" in text
+    assert "Traceback" not in text and not (tmp_path / "r").exists()  # a failed start leaves no run folder
+    with pytest.raises(DatasetNotFoundError):  # the library call raises the error itself
+        run(TrainConfig(dataset="cifar100", data_dir=str(tmp_path / "empty"), out=str(tmp_path / "r")))
 
 
 def test_cli_help_and_console_script():

@@ -113,6 +113,7 @@ def build_data_loaders(
     dali_files: bool | None = None,
     ffcv_native_augment: bool = False,
     verbose: bool = True,
+    min_last_batch: int = 1,
 ) -> tuple[PlannedLoader, PlannedLoader]:
     """(train loader: shuffled, augmented; test loader: in order, normalised only), both delivering on ``device``.
 
@@ -122,6 +123,7 @@ def build_data_loaders(
     ``.beton`` files go (cache_dir wins; default next to the data). dali_files: decode the image files with DALI
     (default: when ``splits.files`` lists them, i.e. CINIC-10 read from its folders). ffcv_native_augment: FFCV's
     own unseeded flip/translate (not reproducible). verbose: print the choice of ``auto`` and cache writes.
+    min_last_batch: a last training batch smaller than this is dropped (:func:`~okdfast.data.loader.build_plans`).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -141,6 +143,7 @@ def build_data_loaders(
         augment=augment,
         drop_last=drop_last,
         distributed=distributed,
+        min_last_batch=min_last_batch,
     )
     delivery = Delivery(device, channels_last, dtype)
     pairs = ((splits.train, train_plan, "train"), (splits.test, test_plan, "test"))

@@ -92,6 +92,11 @@ class EpochPlan(Sampler[BatchPlan]):
         else:
             self.num_samples = len(range(rank, num_images, world_size))
 
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Images of this rank's epoch left out by ``drop_last`` (a different tail each epoch: the order changes)."""
+        return self.num_samples % self.batch_size if self.drop_last else 0
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -247,9 +252,16 @@ def build_plans(
     augment: bool = True,
     drop_last: bool = False,
     distributed: tuple[int, int] | None = None,
+    min_last_batch: int = 1,
 ) -> tuple[EpochPlan, EpochPlan]:
-    """The (train, test) plans every loader follows, after checking the arguments (see :func:`build_loaders`)."""
+    """The (train, test) plans every loader follows, after checking the arguments (see :func:`build_loaders`).
+
+    ``min_last_batch``: a last training batch smaller than this is dropped (``drop_last`` for that data size only;
+    the plan's ``dropped_per_epoch`` says how many images). The training loop passes 2: BatchNorm cannot train
+    on a batch of one image.
+    """
     _check_int("batch_size", batch_size, 1)
+    _check_int("min_last_batch", min_last_batch, 1)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     _check_int("eval_batch_size", eval_batch_size, 1)
     _check_int("seed", seed, 0)
@@ -261,6 +273,8 @@ def build_plans(
         raise ValueError(f"{splits.name}: empty split (train {len(splits.train)}, test {len(splits.test)} images)")
     shard = {"seed": seed, "rank": rank, "world_size": world_size}
     train_plan = EpochPlan(len(splits.train), batch_size, shuffle=True, augment=augment, drop_last=drop_last, **shard)
+    if 0 < train_plan.num_samples % batch_size < min_last_batch and train_plan.num_samples > batch_size:
+        train_plan.drop_last = True
     test_plan = EpochPlan(len(splits.test), eval_batch_size, shuffle=False, augment=False, pad=False, **shard)
     if len(train_plan) == 0:
         raise ValueError(

@@ -21,12 +21,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from okdfast.errors import UserError
+
 ENV_VAR = "OKDFAST_DATA"
 DEFAULT_DIRS = ("./data", "~/.cache/okdfast/data")
 NETWORK_TIMEOUT_S = 10.0
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A data set is in none of the searched places and could not be downloaded.
 
     The message names every path tried, the expected layout, the ``--download`` flag and ``--dataset synthetic``.

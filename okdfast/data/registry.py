@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from okdfast.data.arrays import ArrayDataset
-from okdfast.data.locate import search_roots
+from okdfast.data.locate import DatasetNotFoundError, search_roots
 from okdfast.data.stats import RGB
+from okdfast.errors import ConfigError, DataError
 
 
 @dataclass
@@ -40,9 +43,12 @@ class DatasetSplits:
         mean/std stay the data set's own constants: a subset is a sample of the same distribution.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"subset={n!r}: must be a positive int (number of training images)")
+            raise ConfigError(f"--subset {n!r}: must be a positive int (number of training images)")
         if n > len(self.train):
-            raise ValueError(f"subset={n} exceeds the {len(self.train)} training images of {self.name}")
+            raise ConfigError(
+                f"--subset {n}: exceeds the {len(self.train)} training images of {self.name}; use at most "
+                f"{len(self.train)}, or drop --subset to train on all of them"
+            )
         n_test = min(max(1, n // 5), len(self.test))
         return dataclasses.replace(
             self,
@@ -113,7 +119,17 @@ def load_dataset(
     if key not in builders:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     roots: list[Path] = search_roots(data_dir)
-    splits = DATASETS[builders[key]](roots, download=download, seed=seed, **options)
+    try:
+        splits = DATASETS[builders[key]](roots, download=download, seed=seed, **options)
+    except DatasetNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # The readers raise these for files that exist but are not the data set's: damaged, another layout,
+        # another data set (their messages name the file and what was expected).
+        raise DataError(
+            f"data set {builders[key]!r}: its files could not be read: {error}. Fix: replace the damaged files "
+            "(fetch them again with --download into an empty folder) or point --data-dir at a good copy"
+        ) from error
     if subset is not None:
         splits = splits.subset(subset, seed)
     return splits

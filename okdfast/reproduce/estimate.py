@@ -19,7 +19,6 @@ pass is forward-only, about a third of a training step's work per image (an assu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -32,6 +31,7 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.reproduce.plan import PlannedRun
+from okdfast.utils.metrics_log import read_rows
 
 STARTUP_SECONDS = 10.0  # interpreter + imports + data load + warm-up of one run (measured: 4-9 s on 2 CPU cores)
 EVAL_SPEEDUP = 3.0  # test images per second / training images per second (assumed)
@@ -66,7 +66,7 @@ def measured_speed(runs: list[PlannedRun]) -> Speed | None:
         metrics = run.run_dir / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = read_rows(metrics)
         speeds = [r["images_per_sec"] for r in rows if not r.get("partial") and r.get("images_per_sec")]
         if speeds:
             values += speeds

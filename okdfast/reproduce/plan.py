@@ -11,6 +11,7 @@ flags, then the run's own (method, arch, dataset, seed, out, ``--resume auto``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from typing import Any
 import yaml
 
 from okdfast.config import TrainConfig, build_parser, parse_config
+from okdfast.recipe import SESSION_FIELDS, TUNABLE_FIELDS, is_unset, same_value
 from okdfast.reproduce.tables import Catalog, Schedule, Table
+from okdfast.utils.metrics_log import read_rows
 
 # Flags the runner sets per run; extra train flags may not set them.
 MANAGED = ("method", "arch", "dataset", "seed", "out", "resume")
-# Config values a run folder must share with the plan to count as the same run (else: refuse, name the field).
-IDENTITY = ("method", "arch", "dataset", "seed", "epochs", "lr_schedule", "batch_size", "subset", "lr", "branches")
+# Config values a run folder must share with the plan to count as the same run (else: refuse, name the field):
+# the whole recipe (okdfast.recipe), and the seed.
+IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in SESSION_FIELDS | TUNABLE_FIELDS)
 
 
 @dataclass
@@ -105,7 +109,11 @@ def run_status(run_dir: Path, config: TrainConfig) -> tuple[str, int]:
         planned = config.to_dict()
         if planned.get("branches") is None:
             planned["branches"] = stored.get("branches")  # the run resolved the method's default K
-        differ = [k for k in IDENTITY if k in stored and stored[k] != planned.get(k)]
+        differ = [
+            k
+            for k in IDENTITY
+            if k in stored and not is_unset(k, planned.get(k)) and not same_value(stored[k], planned.get(k))
+        ]
         if differ:
             detail = ", ".join(f"{k}: folder {stored[k]!r} vs plan {planned.get(k)!r}" for k in differ)
             raise ValueError(
@@ -126,7 +134,7 @@ def _epochs_done(run_dir: Path, summary: dict[str, Any]) -> int:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return 0
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics)
     return len({row["epoch"] for row in rows if not row.get("partial")})
 
 

@@ -5,7 +5,8 @@ config.yaml and train.log; an unfinished cell says how far it is. Numbers are to
 as the papers report them: the branch mean (mean of the K branch errors) and, in brackets, the ensemble (the
 mean of the branches' softmax), at the last epoch; mean ± sample std over the finished seeds. "last vs best"
 sets the last epoch against the best epoch of each run (the best branch-mean test accuracy over the epochs, the
-number some papers report; it picks the epoch on the test set, so the last epoch is the honest one).
+number some papers report; it picks the epoch on the test set, so the last epoch is the honest one). The seeds
+of a cell are pooled only when their stored configs are equal in everything but the seed (okdfast.recipe).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from okdfast.recipe import pooling_differences, pooling_key
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
 
@@ -82,7 +86,9 @@ class RunResult:
 class CellResult:
     cell: Cell
     planned: list[PlannedRun]
-    finished: list[RunResult] = field(default_factory=list)
+    finished: list[RunResult] = field(default_factory=list)  # the finished seeds pooled into the cell's numbers
+    # Finished runs whose config differs from the pooled ones in more than the seed, with the differing fields.
+    unpooled: list[tuple[RunResult, list[str]]] = field(default_factory=list)
 
     @staticmethod
     def _stats(values: list[float]) -> tuple[float | None, float | None]:
@@ -109,9 +115,13 @@ class CellResult:
         if all(run.status == "new" for run in self.planned):
             return f"not yet measured (0 of {len(self.planned)} seeds run)"
         done = {r.run.index for r in self.finished}
+        apart = {r.run.index: fields for r, fields in self.unpooled}
         parts = []
         for run in self.planned:
             if run.index in done:
+                continue
+            if run.index in apart:
+                parts.append(f"s{run.seed} not pooled (its {', '.join(apart[run.index])} differ from the other seeds')")
                 continue
             if run.status == "new":
                 parts.append(f"s{run.seed} not started")
@@ -133,8 +143,31 @@ def collect(table: Table, runs: list[PlannedRun]) -> list[CellResult]:
             if run.status == "finished":
                 summary = json.loads((run.run_dir / "summary.json").read_text())
                 cell_result.finished.append(RunResult(run, summary))
+        _pool_equal_configs(cell_result)
         results.append(cell_result)
     return results
+
+
+def _stored_config(run: PlannedRun) -> dict[str, Any]:
+    path = run.run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _pool_equal_configs(result: CellResult) -> None:
+    """Keep in ``finished`` only runs equal in everything but the seed (okdfast.recipe.pooling_key): the largest
+    such group (the first seed's on a tie); the others move to ``unpooled`` with the fields that differ."""
+    configs = {r.run.index: _stored_config(r.run) for r in result.finished}
+    groups: dict[str, list[RunResult]] = {}
+    for r in result.finished:
+        groups.setdefault(pooling_key(configs[r.run.index]), []).append(r)
+    if len(groups) < 2:
+        return
+    kept = max(groups.values(), key=len)
+    reference = configs[kept[0].run.index]
+    result.unpooled = [
+        (r, pooling_differences([reference, configs[r.run.index]])) for r in result.finished if r not in kept
+    ]
+    result.finished = kept
 
 
 # ------------------------------------------------------------------------------------------------------ formatting

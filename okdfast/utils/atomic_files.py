@@ -28,6 +28,9 @@ from typing import IO
 from okdfast.errors import UserError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's 0600 would hide a run's files from its group
 
 
 class RunFolderWriteError(UserError, OSError):
@@ -76,6 +79,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             _write_all(handle, data, path)
         os.replace(tmp_name, path)

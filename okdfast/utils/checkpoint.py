@@ -93,9 +93,13 @@ def load_checkpoint(path: str | os.PathLike, *, where: str, map_location: str | 
     prefix = f"{where} {path}"
     payload = _read(path, prefix, map_location)
     if not isinstance(payload, dict) or "format" not in payload or "model" not in payload:
-        held = f"a dict with keys {sorted(map(str, payload))[:8]}" if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{prefix} is a PyTorch file but not an okdfast checkpoint (it holds {held}); "
-                              f"expected {EXPECTED}")  # fmt: skip
+        if isinstance(payload, dict):
+            held = f"a dict with keys {sorted(map(str, payload))[:8]}"
+        else:
+            held = f"a {type(payload).__name__}"
+        raise CheckpointError(
+            f"{prefix} is a PyTorch file but not an okdfast checkpoint (it holds {held}); expected {EXPECTED}"
+        )
     if payload.get("format") not in CHECKPOINT_FORMATS:
         raise CheckpointError(
             f"{prefix} has checkpoint format {payload.get('format')!r}; this okdfast reads formats "

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from okdfast.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -49,9 +51,14 @@ def setup_distributed(device_arg: str) -> tuple[DistInfo, torch.device]:
 def resolve_device(device_arg: str) -> torch.device:
     if device_arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise ConfigError(f"--device {device_arg}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

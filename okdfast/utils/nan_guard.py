@@ -11,15 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from okdfast.errors import UserError
 
-class NonFiniteLossError(RuntimeError):
-    pass
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The run diverged (or started from non-finite weights or data); the last good checkpoint is untouched."""
 
 
 class NonFiniteGuard:
-    def __init__(self, device: torch.device, check_every: int = 50) -> None:
+    """``first_step``: the global step this process starts at; a loss that is non-finite at once points at the
+    weights or the data it started from, not at the learning rate, and the message says so."""
+
+    def __init__(self, device: torch.device, check_every: int = 50, first_step: int = 0) -> None:
         self.device = device
         self.check_every = check_every
+        self.first_step_of_session = first_step
         self.names: list[str] | None = None
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
         self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -46,8 +52,15 @@ class NonFiniteGuard:
         if not bool(self.seen):
             return
         bad_terms = [n for n, b in zip(self.names or [], self.first_terms.tolist()) if b]  # type: ignore[union-attr]
-        raise NonFiniteLossError(
-            f"non-finite loss at optimizer step {int(self.first_step)} (terms: {', '.join(bad_terms)}); the run is "
-            "stopped and no checkpoint was written after it: the last good one is untouched. Try a lower --lr, "
-            "--amp bf16 instead of fp16, or --amp off."
+        step = int(self.first_step)
+        head = (
+            f"non-finite loss at optimizer step {step} (terms: {', '.join(bad_terms)}); the run is stopped and no "
+            "checkpoint was written after it: the last good one is untouched."
         )
+        if step == self.first_step_of_session:
+            raise NonFiniteLossError(
+                f"{head} It was non-finite at the first step of this process, before any update: the weights it "
+                "started from (the checkpoint resumed) or the input data are not finite, which no --lr fixes. "
+                "Check the data set's files, and resume from another checkpoint or start the run again."
+            )
+        raise NonFiniteLossError(f"{head} Try a lower --lr, --amp bf16 instead of fp16, or --amp off.")
