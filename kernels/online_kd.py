@@ -527,6 +527,10 @@ def _runnable(kernel, device: torch.device):
         return kernel
     from triton.runtime.interpreter import InterpretedFunction
 
+    from okdfast.compat import patch_triton_interpreter
+
+    patch_triton_interpreter()  # triton < 3.7's interpreter under numpy >= 2.4 (okdfast/compat.py)
+
     if not isinstance(kernel, InterpretedFunction):
         raise RuntimeError(
             "okdfast: CPU tensors can only run the Triton kernels in Triton's interpreter, and TRITON_INTERPRET=1 was "
