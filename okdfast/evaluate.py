@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from okdfast.errors import EXIT_USER_ERROR, UserError
 from okdfast.methods import Method
 from okdfast.utils.distributed import all_reduce_sum
 
@@ -122,9 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args(argv)
-    metrics = build_eval_from_checkpoint(
-        args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size
-    )
+    try:
+        metrics = build_eval_from_checkpoint(
+            args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size
+        )
+    except UserError as error:  # a bad path, checkpoint or data set: one line, no traceback
+        parser.exit(EXIT_USER_ERROR, f"okdfast.evaluate: error: {error}\n")
     print(json.dumps(metrics, indent=2))
     return metrics
 
