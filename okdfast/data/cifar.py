@@ -10,11 +10,17 @@ Accepted inside a data folder ``<dir>`` (first match wins; ``<dir>`` itself may 
 - ``<dir>/cifar-100-python/`` with ``train`` and ``test`` (labels from ``b'fine_labels'``, 100 classes);
 - ``<dir>/cifar10.npz`` / ``<dir>/cifar100.npz``, or either form inside ``<dir>/cifar10/`` / ``<dir>/cifar100/``.
 
+``data_dir`` may also name an ``.npz`` file of any name (e.g. a partial set such as ``cifar10-exact-subset.npz``);
+keys that are not image or label arrays are ignored. What was read is recorded with its sha256 and whether it is
+partial or lossy (:mod:`okdfast.data.provenance`), so a result is never taken for one on the official data.
+
 The ``.npz`` layout: ``x_train`` uint8 (N, 32, 32, 3), ``y_train`` int (N,), ``x_test``, ``y_test``. Also accepted:
 key names ``train_x``/``train_y``/``test_x``/``test_y`` or ``train_images``/``train_labels``/... in any letter
 case; images as NCHW (N, 3, 32, 32) or CIFAR's flat planar (N, 3072); any integer image dtype with values in
 0..255; labels of shape (N, 1). Float images are refused (their scale is ambiguous). Optional ``x_valid``/
-``y_valid`` (or ``x_val``, ``valid_x``, ...) are read where a data set has a validation split (CINIC-10).
+``y_valid`` (or ``x_val``, ``valid_x``, ...) are read where a data set has a validation split (CINIC-10). And JPEG bytes:
+``jpeg_train`` uint8 with ``offsets_train`` (N+1,) (image i is ``jpeg_train[offsets[i]:offsets[i+1]]``), the same
+for ``test``, as in ``cifar10-jpeg.npz``: decoded with Pillow on load and marked lossy.
 
 The pickle files are read with ``pickle``, which can run code stored in a file: read only the official archive.
 """
@@ -29,6 +35,7 @@ import numpy as np
 
 from okdfast.data.arrays import ArrayDataset
 from okdfast.data.locate import check_host_reachable, dedupe, network_timeout, not_found
+from okdfast.data.provenance import describe
 from okdfast.data.registry import DatasetSplits, register_dataset
 from okdfast.data.stats import dataset_stats
 
@@ -120,6 +127,30 @@ def _as_hwc_uint8(x: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 from N JPEG files packed in ``buffer`` (image i: ``buffer[offsets[i]:offsets[i+1]]``)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from io import BytesIO
+
+    from PIL import Image
+
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(buffer):
+        raise ValueError(f"{where}: offsets must run from 0 to the buffer's length ({len(buffer)} bytes)")
+
+    def decode(i: int) -> np.ndarray:
+        return np.asarray(Image.open(BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+
+    with ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
+        images = list(pool.map(decode, range(len(offsets) - 1), chunksize=512))
+    return _as_hwc_uint8(np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8), where)
+
+
+def npz_is_lossy(path: str | Path) -> bool:
+    """Whether an ``.npz`` holds JPEG bytes rather than pixels (decoded on load: lossy)."""
+    with np.load(path, allow_pickle=False) as z:
+        return "jpeg_train" in {k.lower() for k in z.files}
+
+
 def read_npz(path: str | Path, num_classes: int | None = None) -> dict[str, ArrayDataset]:
     """The splits of an ``.npz`` file (layout in the module docstring): ``train``, ``test``, ``valid`` if present."""
     path = Path(path)
@@ -128,11 +159,17 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> dict[str, Arra
         out: dict[str, ArrayDataset] = {}
         for split in ("train", "test", "valid"):
             kx, ky = _find_key(keys, split, "x"), _find_key(keys, split, "y")
+            jpeg, offsets = keys.get(f"jpeg_{split}"), keys.get(f"offsets_{split}")
+            if kx is None and jpeg is not None and offsets is not None:
+                kx = jpeg
             if kx is None or ky is None:
                 if split == "valid":
                     continue
                 raise ValueError(f"{path}: no {split} arrays; expected keys x_{split}, y_{split}, found {z.files}")
-            x = _as_hwc_uint8(z[kx], f"{path}[{kx}]")
+            if kx == jpeg:
+                x = _decode_jpegs(z[jpeg], z[offsets], f"{path}[{jpeg}]")
+            else:
+                x = _as_hwc_uint8(z[kx], f"{path}[{kx}]")
             y = z[ky]
             if y.ndim == 2 and y.shape[1] == 1:
                 y = y[:, 0]
@@ -205,7 +242,10 @@ def load_cifar(name: str, roots: list[Path], *, download: bool = False) -> Datas
     else:
         reader = read_cifar10_pickle if name == "cifar10" else read_cifar100_pickle
         (train, test), kind = reader(path), "pickle"
-    return DatasetSplits(train, test, stats.num_classes, stats.mean, stats.std, name, f"{path.absolute()} ({kind})")
+    lossy = path.is_file() and npz_is_lossy(path)
+    provenance = describe(path, name, len(train), len(test), lossy=lossy)
+    source = f"{path.absolute()} ({kind})" + ("" if provenance.official else f" [{provenance.label}]")
+    return DatasetSplits(train, test, stats.num_classes, stats.mean, stats.std, name, source, provenance=provenance)
 
 
 @register_dataset("cifar10")

@@ -20,6 +20,7 @@ from typing import Any
 
 from okdfast.data.arrays import ArrayDataset
 from okdfast.data.locate import DatasetNotFoundError, search_roots
+from okdfast.data.provenance import DataProvenance
 from okdfast.data.stats import RGB
 from okdfast.errors import ConfigError, DataError
 
@@ -36,6 +37,8 @@ class DatasetSplits:
     # The image file of every row, per split ("train", "test"), when the data set was read from an image folder
     # (CINIC-10): lets a loader decode the files itself (--loader dali). None for arrays and subsets.
     files: dict[str, list[Path]] | None = None
+    # The file read, its sha256 and whether it is partial or lossy (okdfast.data.provenance); None for generated data.
+    provenance: DataProvenance | None = None
 
     def subset(self, n: int, seed: int = 0) -> DatasetSplits:
         """``n`` training and ``max(1, n // 5)`` test images (capped at the test set), class-stratified, seeded.
