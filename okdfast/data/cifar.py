@@ -18,9 +18,9 @@ The ``.npz`` layout: ``x_train`` uint8 (N, 32, 32, 3), ``y_train`` int (N,), ``x
 key names ``train_x``/``train_y``/``test_x``/``test_y`` or ``train_images``/``train_labels``/... in any letter
 case; images as NCHW (N, 3, 32, 32) or CIFAR's flat planar (N, 3072); any integer image dtype with values in
 0..255; labels of shape (N, 1). Float images are refused (their scale is ambiguous). Optional ``x_valid``/
-``y_valid`` (or ``x_val``, ``valid_x``, ...) are read where a data set has a validation split (CINIC-10). And JPEG bytes:
-``jpeg_train`` uint8 with ``offsets_train`` (N+1,) (image i is ``jpeg_train[offsets[i]:offsets[i+1]]``), the same
-for ``test``, as in ``cifar10-jpeg.npz``: decoded with Pillow on load and marked lossy.
+``y_valid`` (or ``x_val``, ``valid_x``, ...) are read where a data set has a validation split (CINIC-10). And
+JPEG bytes: ``jpeg_train`` uint8 with ``offsets_train`` (N+1,) (image i is ``jpeg_train[offsets[i]:offsets[i+1]]``),
+the same for ``test``, as in ``cifar10-jpeg.npz``: decoded with Pillow on load and marked lossy.
 
 The pickle files are read with ``pickle``, which can run code stored in a file: read only the official archive.
 """
