@@ -151,7 +151,7 @@ def make_inputs(
     elif form == "okddip":
         weights = _two_level(torch.softmax(randn(batch, branches - 1, branches - 1), dim=-1)).requires_grad_()
     elif form == "cl_ilr":
-        weights = (1.0 - torch.eye(branches, device=device)) / (branches - 1)  # a buffer: no gradient
+        weights = ((1.0 - torch.eye(branches, device=device)) / (branches - 1)).unsqueeze(0)  # (1, K, K) buffer
     kd_weight = torch.tensor([0.5], device=device)  # a ramp-up value on the device, as the training loop passes it
     return logits, target, teacher, weights, kd_weight
 
@@ -306,9 +306,11 @@ def run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_g
         calls = phase_calls(fn, inputs)
         timings = []
         for phase, (call, setup) in calls.items():
+            if phase not in args.phases:
+                continue
             timing = time_fn(call, device, warmup=args.warmup, repeats=args.repeats, setup=setup)
             timings.append((phase, "stream", timing))
-        if graphed:
+        if graphed and "fwd+bwd" in args.phases:
             call = calls["fwd+bwd"][0]
             timings.append(("fwd+bwd", "cuda-graph", time_cuda_graph(call, device, repeats=args.repeats)))
         for phase, timing_mode, timing in timings:
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="default: all three")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--graph-max-elements", type=int, default=2**21, help="largest B*K*C timed under CUDA graphs")

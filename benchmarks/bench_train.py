@@ -1,29 +1,39 @@
-"""End-to-end training speed: a 3-branch ResNet-32 (MDE) on CIFAR-100 shapes, images/s and seconds per epoch.
+"""End-to-end training speed: MDE on ResNet-32 with K = 4 (3 auxiliaries + leader) at CIFAR-100 shapes, batch 128,
+images/s and seconds per epoch.
 
-Claim measured: how much faster okdfast trains than the eager reference trainer researchers use today
-(benchmarks/reference_trainer.py: fp32, NCHW, DataLoader of per-image transforms with workers, a Python loss loop
-over branches), and what each speed feature contributes. Rows, all in one run, side by side:
+Claim under test (benchmarks/GPU.md): okdfast with every speed feature on trains >= 10x faster than the eager
+reference trainer researchers use today (benchmarks/reference_trainer.py: fp32, NCHW, a DataLoader of per-image
+transforms, a Python loss loop over branches, every okdfast default off), and each feature earns its place. Rows:
 
-    reference            the eager reference trainer
-    okdfast-base         okdfast with every speed feature off (fp32, NCHW, eager, reference loss, torch loader)
-    +channels_last, +amp, +compile, +fused, +fast_loader, +cuda_graphs
-                         okdfast-base with that one feature on (fused = fused loss and fused FFM ops;
-                         fast_loader = the gpu loader; cuda_graphs only on CUDA)
-    all-on               every feature that applies on this device
+    reference        the eager reference trainer (same network, same DataLoader worker count as okdfast's torch
+                     loader, ``branch_impl='loop'``, ``fused_loss='off'``: nothing fast enters through 'auto')
+    all-on           every feature that applies on this device
+    all-but-X        all-on minus feature X (leave-one-out): what X is worth when everything else is on;
+                     ``all-but-fused`` is "compiled without the fused ops", the question the fused kernels answer
+    okdfast-base     every feature off (fp32, NCHW, eager, reference loss, torch loader, loop branches)
+    base+X           okdfast-base plus feature X (add-one)
+Features: compile (torch.compile 'default' of forward + loss), fused (the fused loss kernels, CUDA only),
+cuda_graphs (okdfast's step graph, CUDA only), fast_loader (the gpu loader), amp (bf16 autocast), channels_last,
+grouped (the K branches as one grouped network, okdfast/models/grouped.py, where MethodConfig has ``branch_impl``).
 
-Timing: ``--warmup`` steps first (they absorb compilation and autotuning), then ``--repeats`` windows of
+Rows are measured in priority order (reference, all-on, the leave-one-out rows, base, the add-one rows) and each
+is written to ``<results>/train.csv`` the moment it is measured; ``--time-budget`` stops before a row that would
+start too late (the skipped rows are named), so a suite step always ends with the most important rows.
+Timing: ``--warmup`` steps first (compilation, autotuning, graph capture), then ``--repeats`` windows of
 ``--steps`` optimizer steps, each timed with a device sync at its ends; the median window gives images/s, with
-p20/p80. Data: synthetic uint8 arrays of CIFAR-100's shape (100 classes, 32x32); the loaders do the same work
-on them as on CIFAR. Seconds per epoch = 50,000 / images/s.
+p20 / p80. Data: synthetic uint8 arrays of CIFAR-100's shape (100 classes, 32x32); the loaders do the same work on
+them as on CIFAR. Seconds per epoch = 50,000 / images/s.
 
-    python -m benchmarks.bench_train              # full (GPU: a few hundred steps per row)
-    python -m benchmarks.bench_train --quick      # CPU: a few dozen steps per row, ratios only
+    python -m benchmarks.bench_train                       # every row (GPU: a few minutes, most of it compiling)
+    python -m benchmarks.bench_train --time-budget 130     # the suite's train stage
+    python -m benchmarks.bench_train --quick               # CPU: a few steps per row, ratios only
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +41,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, append_rows, machine_columns
-from benchmarks.reference_trainer import KLLoss, reference_loader, reference_step
+from benchmarks.harness import TimeBudget, add_output_arguments, append_row, machine_columns, results_dir
+from benchmarks.reference_trainer import KLLoss, reference_loader, reference_method, reference_step
 from okdfast.data import build_data_loaders, load_dataset
 from okdfast.methods import MethodConfig, create_method
 from okdfast.step import TrainStep, build_optimizer
@@ -42,38 +52,52 @@ CIFAR_TRAIN_IMAGES = 50_000
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    channels_last: bool = False
-    amp: bool = False
     compile: bool = False
     fused: bool = False
-    fast_loader: bool = False
     cuda_graphs: bool = False
+    fast_loader: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    grouped: bool = False
+
+
+def features_for(device: torch.device) -> list[str]:
+    """The features that apply here, in leave-one-out priority order."""
+    names = ["compile", "fused", "cuda_graphs", "fast_loader", "amp", "channels_last", "grouped"]
+    if device.type != "cuda":  # the fused kernels and CUDA graphs need a GPU (the op's CPU path is the reference)
+        names.remove("cuda_graphs")
+        names.remove("fused")
+    if not hasattr(MethodConfig(), "branch_impl"):
+        names.remove("grouped")
+    return names
 
 
 def rows_to_run(device: torch.device) -> list[tuple[str, Features | None]]:
+    """(name, features) in measuring order; None is the reference trainer."""
+    names = features_for(device)
+    all_on = Features(**{n: True for n in names})
     base = Features()
-    singles = ["channels_last", "amp", "compile", "fused", "fast_loader"] + (
-        ["cuda_graphs"] if device.type == "cuda" else []
-    )
-    all_on = Features(**{name: True for name in singles})
     return (
-        [("reference", None), ("okdfast-base", base)]
-        + [(f"+{n}", dataclasses.replace(base, **{n: True})) for n in singles]
-        + [("all-on", all_on)]
+        [("reference", None), ("all-on", all_on)]
+        + [(f"all-but-{n}", dataclasses.replace(all_on, **{n: False})) for n in names]
+        + [("okdfast-base", base)]
+        + [(f"base+{n}", dataclasses.replace(base, **{n: True})) for n in names]
     )
+
+
+def table_order(names: list[str]) -> list[str]:
+    """reference, base, base+X, all-on, all-but-X: how the table reads."""
+    rank = {"reference": 0, "okdfast-base": 1, "all-on": 3}
+    return sorted(names, key=lambda n: (rank.get(n, 2 if n.startswith("base+") else 4), names.index(n)))
 
 
 def endless(loader: Any) -> Iterator:
     epoch = 0
     while True:
-        loader.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-def endless_plain(loader: Any) -> Iterator:
-    while True:
-        yield from loader
 
 
 def sync(device: torch.device) -> None:
@@ -102,11 +126,9 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
     amp_dtype = None
     if features.amp:
         amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    config = MethodConfig(num_branches=args.branches)
-    fused = "on" if features.fused else "off"
-    config = dataclasses.replace(config, fused_loss=fused)
-    if hasattr(config, "fused_ffm"):
-        config = dataclasses.replace(config, fused_ffm=fused)
+    config = MethodConfig(num_branches=args.branches, fused_loss="on" if features.fused else "off")
+    if hasattr(config, "branch_impl"):
+        config = dataclasses.replace(config, branch_impl="grouped" if features.grouped else "loop")
     torch.manual_seed(0)
     method = create_method("mde", args.arch, splits.num_classes, config).to(device)
     if features.channels_last:
@@ -144,30 +166,30 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
         channels_last=features.channels_last,
         verbose=False,
     )
-    kd_scale = torch.tensor(1.0, device=device)
+    kd_weight = torch.tensor(1.0, device=device)
 
     def step_fn(images: torch.Tensor, labels: torch.Tensor) -> None:
         images = images.to(device, non_blocking=True)
         if features.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        step(images, labels.to(device, non_blocking=True), kd_scale)
+        step(images, labels.to(device, non_blocking=True), kd_weight)
 
     return step_fn, endless(train_loader)
 
 
 def build_reference(splits: Any, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
-    method = create_method("mde", args.arch, splits.num_classes, MethodConfig(num_branches=args.branches)).to(device)
+    method = reference_method(args.arch, splits.num_classes, args.branches).to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    criterion, criterion_t = torch.nn.CrossEntropyLoss(), KLLoss(3.0)
+    criterion, criterion_t = torch.nn.CrossEntropyLoss(), KLLoss(method.config.temperature)
     train = splits.train
     loader = reference_loader(train.images, train.labels, splits.mean, splits.std, args.batch_size, args.workers)
 
     def step_fn(images: torch.Tensor, labels: torch.Tensor) -> None:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        reference_step(method, optimizer, images, labels, 1.0, 1.0, criterion, criterion_t)
+        reference_step(method, optimizer, images, labels, 1.0, criterion, criterion_t)
 
-    return step_fn, endless_plain(loader)
+    return step_fn, endless(loader)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,70 +197,93 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet32")
-    parser.add_argument("--branches", type=int, default=3)
+    parser.add_argument("--branches", type=int, default=4, help="K (MDE: K-1 auxiliaries + the leader)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per timed window")
-    parser.add_argument("--repeats", type=int, default=5, help="timed windows per row")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, autotuning)")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (reference and torch loader)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per row")
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps first (compilation, graph capture)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="DataLoader workers of the reference trainer and of okdfast's torch loader alike",
+    )
     parser.add_argument("--train-images", type=int, default=CIFAR_TRAIN_IMAGES)
     parser.add_argument("--quick", action="store_true", help="few steps: for the CPU (ratios only)")
     parser.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
-    parser.add_argument("--results-dir", type=Path, default=None, help=f"default {RESULTS_DIR}")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; no row starts after that")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-plot", action="store_true")
+    add_output_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.warmup, args.workers = 8, 3, 3, 2
-        args.train_images = min(args.train_images, 10_000)
+        args.steps, args.repeats, args.warmup, args.workers = 4, 3, 2, min(args.workers, 2)
+        args.train_images = min(args.train_images, 4_000)
     device = torch.device(args.device)
+    folder = results_dir(args.results_dir, args.commit_results)
+    budget = TimeBudget(args.time_budget)
 
     splits = load_dataset("synthetic", num_classes=100, train_size=args.train_images, test_size=100)
     machine = machine_columns("train", device)
-    machine["load_avg_1m"] = round(__import__("os").getloadavg()[0], 2)
+    plan = [(n, f) for n, f in rows_to_run(device) if not args.only or n in args.only]
     rows: list[dict[str, Any]] = []
-    for name, features in rows_to_run(device):
-        if args.only and name not in args.only:
-            continue
+    measured: dict[str, float] = {}
+    for i, (name, features) in enumerate(plan):
+        if budget.skip(f"rows {', '.join(n for n, _ in plan[i:])}"):
+            break
+        start = time.perf_counter()
         step_fn, batches = (
             build_reference(splits, args, device) if features is None else build_okdfast(features, splits, args, device)
         )
         windows = time_windows(step_fn, batches, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
         per_window = [args.steps * args.batch_size / w for w in windows]
         median = sorted(per_window)[len(per_window) // 2]
-        rows.append(
-            machine
-            | {
-                "row": name,
-                "arch": args.arch,
-                "branches": args.branches,
-                "batch_size": args.batch_size,
-                "steps_per_window": args.steps,
-                "windows": args.repeats,
-                "warmup_steps": args.warmup,
-                "images_per_sec": round(median, 2),
-                "images_per_sec_p20": round(percentile(per_window, 0.2), 2),
-                "images_per_sec_p80": round(percentile(per_window, 0.8), 2),
-                "seconds_per_epoch": round(CIFAR_TRAIN_IMAGES / median, 2),
-                "features": "reference"
-                if features is None
-                else ",".join(k for k, v in dataclasses.asdict(features).items() if v) or "none",
-            }
+        measured[name] = median
+        row = machine | {
+            "row": name,
+            "arch": args.arch,
+            "branches": args.branches,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "steps_per_window": args.steps,
+            "windows": args.repeats,
+            "warmup_steps": args.warmup,
+            "images_per_sec": round(median, 2),
+            "images_per_sec_p20": round(percentile(per_window, 0.2), 2),
+            "images_per_sec_p80": round(percentile(per_window, 0.8), 2),
+            "seconds_per_epoch": round(CIFAR_TRAIN_IMAGES / median, 2),
+            "speedup_vs_reference": round(median / measured["reference"], 3) if "reference" in measured else "",
+            "vs_all_on": round(median / measured["all-on"], 3) if "all-on" in measured else "",
+            "features": "reference"
+            if features is None
+            else ",".join(k for k, v in dataclasses.asdict(features).items() if v) or "none",
+            "row_seconds": round(time.perf_counter() - start, 1),
+        }
+        append_row("train", row, folder)
+        rows.append(row)
+        ratio = f"x{row['speedup_vs_reference']:.2f} vs reference" if row["speedup_vs_reference"] != "" else ""
+        print(
+            f"{name:>16}: {median:9.1f} img/s ({CIFAR_TRAIN_IMAGES / median:7.1f} s/epoch) {ratio}  "
+            f"[{row['row_seconds']:.0f} s with warm-up]",
+            flush=True,
         )
-        print(f"{name:>16}: {median:9.1f} img/s  ({CIFAR_TRAIN_IMAGES / median:8.1f} s/epoch)", flush=True)
         del step_fn, batches
-    reference = next((r["images_per_sec"] for r in rows if r["row"] == "reference"), None)
-    for row in rows:
-        row["speedup_vs_reference"] = round(row["images_per_sec"] / reference, 3) if reference else ""
-    if reference:
-        print("speed-up over the eager reference, measured in this run:")
-        for row in rows:
-            print(f"{row['row']:>16}: {row['speedup_vs_reference']:.2f}x")
-    path = append_rows("train", rows, args.results_dir)
-    plot(rows, path.with_name(f"train_{device.type}.png"))
-    print(f"wrote {path}")
+    if rows:
+        print("measured in this run (table order):")
+        by_name = {r["row"]: r for r in rows}
+        for name in table_order(list(by_name)):
+            r = by_name[name]
+            print(f"{name:>16}: {r['images_per_sec']:9.1f} img/s  x{r['speedup_vs_reference'] or float('nan'):.2f}")
+        if not args.no_plot:
+            plot([by_name[n] for n in table_order(list(by_name))], folder / f"train_{device.type}.png")
+        print(f"rows in {folder / 'train.csv'}")
     return rows
 
 
@@ -248,18 +293,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows)), 4))
     names = [r["row"] for r in rows]
     values = [r["images_per_sec"] for r in rows]
     errors = [
         [v - r["images_per_sec_p20"] for v, r in zip(values, rows)],
         [r["images_per_sec_p80"] - v for v, r in zip(values, rows)],
     ]
-    ax.bar(names, values, yerr=errors, color=["grey"] + ["tab:blue"] * (len(rows) - 2) + ["tab:green"])
+    colours = {"reference": "grey", "all-on": "tab:green", "okdfast-base": "tab:orange"}
+    colour = [colours.get(n, "tab:blue" if n.startswith("base+") else "tab:red") for n in names]
+    ax.bar(names, values, yerr=errors, color=colour)
     ax.set_ylabel("images / s (median, p20-p80)")
     first = rows[0]
-    ax.set_title(f"{first['arch']} K={first['branches']} batch {first['batch_size']} on {first['device_name']}")
-    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(
+        f"mde {first['arch']} K={first['branches']} batch {first['batch_size']} on {first['device_name']}, "
+        f"run {first['run_id']}",
+        fontsize=9,
+    )
+    ax.tick_params(axis="x", rotation=40)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,12 +2,20 @@
 
 Faithful to the public OKD code bases (OKDDip's train_one.py / train_GL.py, ONE's cifar_one.py), not a straw man:
 fp32, NCHW, a torch DataLoader over a Dataset of per-image torchvision transforms with worker processes and pinned
-memory, SGD (Nesterov) stepping the whole model, and the loss as a Python loop over branches with KLDivLoss. The
-network is okdfast's own module (so both sides train the same architecture; only the way it is fed and driven
-differs) and the method is MDE: CE per branch, CE of the FFM ensemble, T^2 KL of every branch to it, the CD term.
+memory, SGD (Nesterov) stepping the whole model, and the loss as a Python loop over branches with OKDDip's KL_Loss.
+The network is okdfast's own MDE module, built eager and plain (``branch_impl='loop'``, ``fused_loss='off'``: no
+okdfast speed feature can enter through a default), so both sides train the same architecture; only the way it
+is fed and driven differs. The loss is MDE's (okdfast/methods/mde.py, docs/METHOD.md section 3) written out:
+
+    target = sum_i a_i t_i                     the FFM target of the K-1 auxiliaries t_i, a = the FFM attention
+    L = sum_k CE(z_k, y) + target_ce * CE(target, y)
+        + w * [sum_i T^2 KL(p(target) || p(t_i)) + T^2 KL(p(mean_i t_i) || p(z_leader))]   (leader target detached)
+        + lambda_CD * sum_{i<j} ||W_i^T W_j||_F   (the auxiliaries' classifier weights; the frobenius form)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -16,11 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from okdfast.methods import Method
+from okdfast.methods import Method, MethodConfig, create_method
 
 
 class ArrayImages(Dataset):
-    """uint8 (N, 32, 32, 3) images + labels, one PIL-free tensor transform per image (the torchvision habit)."""
+    """uint8 (N, 32, 32, 3) images + labels, one tensor transform chain per image (the torchvision habit)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean: tuple, std: tuple) -> None:
         self.images, self.labels = images, labels
@@ -54,6 +62,17 @@ def reference_loader(
     )
 
 
+def reference_method(arch: str, num_classes: int, num_branches: int) -> Method:
+    """MDE with every okdfast speed default turned off (eager branches, the PyTorch loss path)."""
+    config = MethodConfig(num_branches=num_branches, fused_loss="off")
+    if hasattr(config, "branch_impl"):
+        config = dataclasses.replace(config, branch_impl="loop")
+    method = create_method("mde", arch, num_classes, config)
+    if method.config.cd_form != "frobenius":
+        raise ValueError("the reference trainer writes out the frobenius CD form only")
+    return method
+
+
 class KLLoss(nn.Module):
     """OKDDip's utils.KL_Loss: T^2 * KLDivLoss(batchmean)(log_softmax(s/T), softmax(t/T) + 1e-7)."""
 
@@ -74,25 +93,25 @@ def reference_step(
     images: Tensor,
     labels: Tensor,
     consistency_weight: float,
-    cd_weight: float,
     criterion: nn.Module,
     criterion_t: nn.Module,
 ) -> Tensor:
     output = method(images)
-    logits, teacher = output.logits, output.teacher
-    loss_true, loss_group = 0.0, 0.0
-    for i in range(logits.shape[1]):  # the per-branch Python loop of the reference code bases
-        loss_true = loss_true + criterion(logits[:, i], labels)
-        loss_group = loss_group + criterion_t(logits[:, i], teacher)
-    loss_true = loss_true + criterion(teacher, labels)
-    weights = [branch.classifier.weight for branch in method.net.branches]
+    logits, attention = output.logits, output.attention  # (B, K, C), (B, K-1)
+    num_aux = logits.shape[1] - 1
+    target = sum(attention[:, i : i + 1] * logits[:, i] for i in range(num_aux))  # the FFM target
+    loss_true = criterion(target, labels) * method.config.target_ce
+    for k in range(logits.shape[1]):  # the per-branch Python loop of the reference code bases
+        loss_true = loss_true + criterion(logits[:, k], labels)
+    loss_group = sum(criterion_t(logits[:, i], target) for i in range(num_aux))
+    aux_mean = sum(logits[:, i] for i in range(num_aux)) / num_aux
+    loss_group = loss_group + criterion_t(logits[:, -1], aux_mean.detach())
+    weights = method.net.classifier_weights(slice(0, num_aux))  # (K-1, C, D)
     cd = 0.0
-    pairs = 0
-    for i in range(len(weights)):
-        for j in range(i + 1, len(weights)):
-            cd = cd + F.cosine_similarity(weights[i], weights[j], dim=1).pow(2).mean()
-            pairs += 1
-    loss = loss_true + consistency_weight * loss_group + cd_weight * cd / pairs
+    for i in range(num_aux):
+        for j in range(i + 1, num_aux):
+            cd = cd + torch.linalg.matrix_norm(weights[i].t() @ weights[j])
+    loss = loss_true + consistency_weight * loss_group + method.config.resolved_cd_weight * cd
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
