@@ -2,6 +2,9 @@
 
 ``kernels/`` holds the Triton kernels; it is installed as ``okdfast.kernels`` (a top-level ``kernels`` package
 would clash with an unrelated PyPI project of that name).
+
+``install_requires`` states the supported range (okdfast/compat.py handles what differs inside it: torch 2.11 with
+triton 3.6 up to torch 2.14 with triton 3.8); ``constraints.txt`` pins the exact versions CI installs and tests.
 """
 
 from setuptools import find_packages, setup
@@ -19,10 +22,10 @@ setup(
     package_dir={"okdfast.kernels": "kernels"},
     package_data={"okdfast": ["paper_tables.yaml"]},
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "triton",
-        "numpy",
+        "torch>=2.11,<2.15",
+        "torchvision>=0.26,<0.30",
+        "triton>=3.6,<3.9",
+        "numpy>=1.26",
         "pyyaml",
         "tqdm",
         "matplotlib",
