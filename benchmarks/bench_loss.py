@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     budget = TimeBudget(args.time_budget)
     print(f"device {base['device_name']}: measured copy bandwidth {copy_gbps:.0f} GB/s; rows -> {folder}/loss.csv")
     rows: list[dict[str, Any]] = []
+    args.failures = 0
     for n, (form, dtype_name, shape) in enumerate(combos):
         if budget.skip(f"{len(combos) - n} (form, dtype, shape) combination(s) from {form} {dtype_name} {shape} on"):
             break
@@ -287,57 +289,76 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{form} {dtype_name} {shape}: skipped, the eager reference would need more memory")
             continue
         rows += run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_gbps)
+    if args.failures:
+        print(f"{args.failures} implementation(s) failed: see the error column of {folder}/loss.csv")
     return rows
 
 
+def measure(args, device, fn, reference, inputs, graphed: bool) -> tuple[float, list[tuple[str, str, Any]]]:
+    """Validate ``fn`` against the eager reference, then time its phases: (max error, [(phase, timing, Timing)])."""
+    error = validate(fn, reference, inputs)
+    calls = phase_calls(fn, inputs)
+    timings = []
+    for phase, (call, setup) in calls.items():
+        if phase in args.phases:
+            timing = time_fn(call, device, warmup=args.warmup, repeats=args.repeats, setup=setup)
+            timings.append((phase, "stream", timing))
+    if graphed and "fwd+bwd" in args.phases:
+        timings.append(("fwd+bwd", "cuda-graph", time_cuda_graph(calls["fwd+bwd"][0], device, repeats=args.repeats)))
+    return error, timings
+
+
 def run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_gbps) -> list[dict[str, Any]]:
-    on_gpu = device.type == "cuda"
     dtype = DTYPES[dtype_name]
     options = form_options(form, shape[1])
     inputs = make_inputs(shape, dtype, form, device)
     moved = bytes_moved(shape, dtype, form)
     reference = loss_fns(options)["reference"]
-    graphed = on_gpu and shape[0] * shape[1] * shape[2] <= args.graph_max_elements
+    graphed = device.type == "cuda" and shape[0] * shape[1] * shape[2] <= args.graph_max_elements
     medians: dict[tuple[str, str, str], float] = {}
     rows = []
+    where = {"form": form, "shape": "x".join(map(str, shape)), "batch": shape[0], "branches": shape[1]}
+    where |= {"classes": shape[2], "dtype": dtype_name}
     for impl in impls:
-        fn = make_impl(impl, options, args.compile_backend)
-        error = validate(fn, reference, inputs)
-        calls = phase_calls(fn, inputs)
-        timings = []
-        for phase, (call, setup) in calls.items():
-            if phase not in args.phases:
-                continue
-            timing = time_fn(call, device, warmup=args.warmup, repeats=args.repeats, setup=setup)
-            timings.append((phase, "stream", timing))
-        if graphed and "fwd+bwd" in args.phases:
-            call = calls["fwd+bwd"][0]
-            timings.append(("fwd+bwd", "cuda-graph", time_cuda_graph(call, device, repeats=args.repeats)))
+        try:
+            error, timings = measure(
+                args, device, make_impl(impl, options, args.compile_backend), reference, inputs, graphed
+            )
+        except Exception as failure:  # a failed validation or a crash costs this implementation, not the run
+            if type(failure).__name__ == "FailOnRecompileLimitHit":  # a flaw of this benchmark, not of a kernel
+                raise
+            traceback.print_exc()
+            message = f"{type(failure).__name__}: {failure}"[:500]
+            append_row("loss", base | where | {"impl": impl, "error": message}, folder)
+            print(f"{form} {dtype_name} {where['shape']} {impl}: FAILED ({message})", flush=True)
+            args.failures += 1
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         for phase, timing_mode, timing in timings:
             medians[(impl, phase, timing_mode)] = timing.median_ms
             seconds = timing.median_ms * 1e-3
-            row = base | {
-                "form": form,
-                "shape": "x".join(map(str, shape)),
-                "batch": shape[0],
-                "branches": shape[1],
-                "classes": shape[2],
-                "dtype": dtype_name,
-                "impl": impl,
-                "phase": phase,
-                "timing": timing_mode,
-                "headline": phase == "fwd+bwd",
-                **timing.as_row(),
-                "bytes_min": moved["min"][phase],
-                "gbps": round(moved["min"][phase] / seconds / 1e9, 2),
-                "pct_copy_bw": round(100 * moved["min"][phase] / seconds / 1e9 / copy_gbps, 1),
-                "kernel_bytes": moved["kernel"][phase] if impl.startswith("fused") else "",
-                "kernel_pct_copy_bw": round(100 * moved["kernel"][phase] / seconds / 1e9 / copy_gbps, 1)
-                if impl.startswith("fused")
-                else "",
-                "max_rel_error": error,
-                "compile_backend": args.compile_backend if "compiled" in impl else "",
-            }
+            fused = impl.startswith("fused")
+            row = (
+                base
+                | where
+                | {
+                    "impl": impl,
+                    "phase": phase,
+                    "timing": timing_mode,
+                    "headline": phase == "fwd+bwd",
+                    **timing.as_row(),
+                    "bytes_min": moved["min"][phase],
+                    "gbps": round(moved["min"][phase] / seconds / 1e9, 2),
+                    "pct_copy_bw": round(100 * moved["min"][phase] / seconds / 1e9 / copy_gbps, 1),
+                    "kernel_bytes": moved["kernel"][phase] if fused else "",
+                    "kernel_pct_copy_bw": round(100 * moved["kernel"][phase] / seconds / 1e9 / copy_gbps, 1)
+                    if fused
+                    else "",
+                    "max_rel_error": error,
+                    "compile_backend": args.compile_backend if "compiled" in impl else "",
+                }
+            )
             for other in ("reference", "compiled"):
                 key = (other, phase, timing_mode)
                 row[f"speedup_vs_{other}"] = round(medians[key] / timing.median_ms, 3) if key in medians else ""
@@ -431,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         png = results_dir(args.results_dir, args.commit_results) / f"loss_{rows[0]['device']}.png"
         plot(rows, png)
         print(f"{len(rows)} rows; plot {png}")
-    return 0
+    return 1 if args.failures else 0
 
 
 if __name__ == "__main__":

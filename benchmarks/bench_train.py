@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,15 +235,28 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     machine = machine_columns("train", device)
     plan = [(n, f) for n, f in rows_to_run(device) if not args.only or n in args.only]
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     measured: dict[str, float] = {}
     for i, (name, features) in enumerate(plan):
         if budget.skip(f"rows {', '.join(n for n, _ in plan[i:])}"):
             break
         start = time.perf_counter()
-        step_fn, batches = (
-            build_reference(splits, args, device) if features is None else build_okdfast(features, splits, args, device)
-        )
-        windows = time_windows(step_fn, batches, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+        try:
+            step_fn, batches = (
+                build_reference(splits, args, device)
+                if features is None
+                else build_okdfast(features, splits, args, device)
+            )
+            windows = time_windows(step_fn, batches, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+        except Exception as error:  # one broken row must not cost the others (a GPU visit is one shot)
+            traceback.print_exc()
+            message = f"{type(error).__name__}: {error}"[:500]
+            append_row("train", machine | {"row": name, "error": message}, folder)
+            print(f"{name:>16}: FAILED ({message})", flush=True)
+            failed.append(name)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         per_window = [args.steps * args.batch_size / w for w in windows]
         median = sorted(per_window)[len(per_window) // 2]
         measured[name] = median
@@ -284,6 +298,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not args.no_plot:
             plot([by_name[n] for n in table_order(list(by_name))], folder / f"train_{device.type}.png")
         print(f"rows in {folder / 'train.csv'}")
+    if failed:
+        print(f"failed rows: {', '.join(failed)} (the error column of train.csv)")
+        raise SystemExit(1)
     return rows
 
 
