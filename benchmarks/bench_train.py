@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         by_name = {r["row"]: r for r in rows}
         for name in table_order(list(by_name)):
             r = by_name[name]
-            print(f"{name:>16}: {r['images_per_sec']:9.1f} img/s  x{r['speedup_vs_reference'] or float('nan'):.2f}")
+            ratio = f"x{r['speedup_vs_reference']:.2f} vs reference" if r["speedup_vs_reference"] != "" else ""
+            print(f"{name:>16}: {r['images_per_sec']:9.1f} img/s  {ratio}")
         if not args.no_plot:
             plot([by_name[n] for n in table_order(list(by_name))], folder / f"train_{device.type}.png")
         print(f"rows in {folder / 'train.csv'}")

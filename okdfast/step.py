@@ -97,6 +97,15 @@ class TrainStep:
         self._static: tuple[Tensor, Tensor, Tensor] | None = None
         self._static_out: tuple[Tensor, dict[str, Tensor]] | None = None
 
+    def describe(self) -> str:
+        """One line for the run's log: which graphs and which compile mode this step really uses."""
+        compile_part = f"compile {self.compile_mode}" if self.compiled else "eager"
+        if self.cuda_graphs:
+            return f"{compile_part} inside okdfast's step graph (forward, loss, backward, optimizer step)"
+        if self.inductor_graphs:
+            return f"{compile_part} with Inductor's CUDA graphs (forward + loss and backward; optimizer step eager)"
+        return compile_part
+
     def autocast(self) -> Any:
         if self.amp_dtype is None:
             return nullcontext()
@@ -154,7 +163,8 @@ class TrainStep:
         self._static = (images.clone(), target.clone(), kd_weight.clone())  # clone keeps the memory format
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in its pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread may keep calling CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             total, terms = self._forward_loss_fast(*self._static)
             total.backward()
             self._optimizer_step()

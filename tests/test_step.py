@@ -57,6 +57,8 @@ def test_cuda_graphs_are_refused_on_the_cpu():
 def test_inductor_graph_modes_only_count_on_cuda():
     step = _step(compile_mode="reduce-overhead")
     assert step.compiled and not step.inductor_graphs  # CPU: Inductor has no CUDA graphs to replay
+    assert step.describe() == "compile reduce-overhead"
+    assert _step().describe() == "eager"
 
 
 def test_eager_step_trains():
