@@ -43,17 +43,20 @@ from okdfast.models.wide_resnet import WideBasicBlock
 
 BRANCH_IMPLS = ("auto", "loop", "grouped")
 
-# --branch-impl auto: the archs where grouped was measured faster than loop, per device type.
-# CPU: benchmarks/bench_branches.py, benchmarks/results/branches.csv (fwd+bwd, channels-last, this repo's CPU).
-# CUDA has not been measured yet. It picks grouped everywhere: at CIFAR shapes the loop form's per-branch convs are
-# small (resnet32's last stage: 64 channels on 8x8 maps) and launch-bound, K of them per layer plus K BN / ReLU
-# launches; grouped issues one cuDNN call and one fused BN / ReLU per layer over K * C channels, and its first conv
-# reads the shared input once. A grouped conv with >= 12 channels per group is an ordinary implicit-GEMM case for
-# cuDNN, so the worst expected case is cuDNN looping over the groups itself, i.e. the loop form's cost.
-# `python -m benchmarks.bench_branches` on a GPU is the check that replaces this guess.
-AUTO_GROUPED: dict[str, frozenset[str] | None] = {  # None: every arch
+# --branch-impl auto: the archs where grouped runs, per device type (loop elsewhere and on device types not listed).
+# CPU: where benchmarks/bench_branches.py measured grouped faster (benchmarks/results/branches.csv).
+# CUDA: not measured yet; the pick until a GPU row replaces it. Grouped for the narrow nets, whose per-branch convs
+# (16-64 channels on 8x8 / 16x16 maps; DenseNet's 12-48) are far too small to fill a GPU: that step is bound by
+# launches (K convs, K BN and K ReLU launches per layer in the loop form; one of each grouped) and the grouped form
+# also reads the trunk output once. Loop for the wide ones (wrn20_8 and wrn20_8_bottleneck at 512 channels per
+# branch, VGG's 512): there each conv fills the GPU by itself, and cuDNN's grouped convs with wide groups have
+# been reported slower than the same convs run separately (pytorch/pytorch#73764, #70954), so grouping could lose.
+AUTO_GROUPED: dict[str, frozenset[str]] = {
     "cpu": frozenset(),
-    "cuda": None,
+    "cuda": frozenset(
+        {"resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet110_bottleneck"}
+        | {"densenet40_12", "densenet40_12_bc"}
+    ),
 }
 
 
@@ -61,7 +64,7 @@ def resolve_branch_impl(impl: str, arch: str, device_type: str | None = None, nu
     """'loop' or 'grouped' for ``impl`` ('auto' | 'loop' | 'grouped') on ``device_type`` ('cpu', 'cuda', ...).
 
     'auto' picks grouped where :data:`AUTO_GROUPED` lists the arch for the device type (loop on device types not
-    measured); ``device_type=None`` means where the net will most likely run: CUDA when available, else the CPU.
+    listed); ``device_type=None`` means where the net will most likely run: CUDA when available, else the CPU.
     K = 1 has nothing to batch and always runs the loop form.
     """
     if impl not in BRANCH_IMPLS:
@@ -72,10 +75,7 @@ def resolve_branch_impl(impl: str, arch: str, device_type: str | None = None, nu
         return impl
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type not in AUTO_GROUPED:
-        return "loop"
-    archs = AUTO_GROUPED[device_type]
-    return "grouped" if archs is None or arch in archs else "loop"
+    return "grouped" if arch in AUTO_GROUPED.get(device_type, frozenset()) else "loop"
 
 
 class GroupedConv2d(nn.Conv2d):
