@@ -312,7 +312,7 @@ _HELP = {
     "(its 100-class variant)",
     "data_dir": "folder holding the data set (default: $OKDFAST_DATA, ./data, ~/.cache/okdfast/data)",
     "download": "download the data set if it is missing (needs internet)",
-    "subset": "train on a seeded subset of N images (and test on N/5), N >= 5, for quick runs",
+    "subset": "train on a seeded subset of N images (and test on N/5), N >= 5, for quick runs (default: all)",
     "data_seed": "seed of the synthetic data and of the --subset draw (kept apart from --seed, so seeds compare)",
     "workers": "DataLoader worker processes of the torch loader; threads of DALI / FFCV",
     "loader": "data loader: auto | gpu (data set on the device) | dali | ffcv | torch (DataLoader, the reference); "
@@ -360,10 +360,11 @@ _HELP = {
     "out": "run folder (default: runs/<method>_<arch>_<dataset>_k<K>_s<seed>); created when training starts",
     "resume": "continue the run in --out: 'auto' (its last.pt, or a fresh start if it has none) or the PATH of a "
     "checkpoint; the run's own config is used, and flags that contradict it are refused (speed and path flags "
-    "may change; they are recorded in sessions.jsonl)",
+    "may change; they are recorded in sessions.jsonl); default: a run folder that holds a run is refused",
     "best_metric": "the test accuracy whose highest epoch is kept as best.pt (acc_branch_mean, acc_ensemble, or the "
     "method's acc_<head>)",
-    "max_steps": "stop after this many optimizer steps in total (smoke tests, benchmarks); --resume auto continues",
+    "max_steps": "stop after this many optimizer steps in total (smoke tests, benchmarks; default: no limit); "
+    "--resume auto continues",
     "progress": "auto | on | off: a progress bar on a terminal (auto), a line every --log-every seconds elsewhere",
     "log_every": "seconds between progress lines (step, loss, lr, images/s) when no bar is shown; 0: none",
     "tensorboard": "also write TensorBoard scalars (every metric, loss term, lr, images/s) to RUN_DIR/tensorboard",
@@ -378,15 +379,24 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is the message and a pointer to --help, not the 40-line usage of every flag."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(all flags: {self.prog} --help)\n")
+
+
 def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     """The CLI. ``explicit_only``: no defaults at all, so the parsed namespace holds only the flags given."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m okdfast.train",
         description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
         formatter_class=_DefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if explicit_only else None,
     )
-    parser.add_argument("--config", help="YAML file of config values (flags override it)")
+    parser.add_argument(
+        "--config", help="YAML file of config values, keys as the flags' names (flags override it; default: none)"
+    )
     parser.add_argument("--list-archs", action="store_true", help="print the registered architectures and exit")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     for f in dataclasses.fields(TrainConfig):

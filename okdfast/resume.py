@@ -107,10 +107,11 @@ def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer:
             if any(item.startswith("--epochs ") for item in refused)
             else ""
         )
+        source = f"--resume {checkpoint}" if payload is not None else f"--resume {config.resume}: {run_dir / CONFIG}"
         raise ConfigError(
-            f"{run_dir} holds a run whose config differs from this command's: {'; '.join(refused)}. A resumed run "
-            f"keeps its own config ({run_dir / CONFIG}): drop these flags to continue it, or pass --out NEW to "
-            f"start a new run with them.{extend}"
+            f"{source}: the run it continues has another config than this command's: {'; '.join(refused)}. A "
+            f"resumed run keeps its own config: drop these flags to continue it, or pass --out NEW (without --resume) "
+            f"to start a new run with them.{extend}"
         )
     changes = {
         name: (getattr(base, name), given[name])

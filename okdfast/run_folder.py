@@ -67,6 +67,9 @@ class RunFolder:
                 f"--out {self.path}: is a file; --out names the run folder (new, or an existing run's)"
             )
 
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
     def holds_run(self) -> bool:
         return (self.path / CONFIG).is_file() or self.last.is_file()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from itertools import islice
@@ -38,7 +39,7 @@ from okdfast.precision import amp_notes, resolve_amp
 from okdfast.progress import EpochProgress
 from okdfast.resume import Start, plan_start
 from okdfast.run_checks import check_best_metric, check_for_device
-from okdfast.run_folder import RunFolder
+from okdfast.run_folder import ENVIRONMENT, RunFolder
 from okdfast.signals import StopRequested, should_stop
 from okdfast.step import TrainStep, build_optimizer
 from okdfast.utils.checkpoint import load_checkpoint
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"okdfast.train: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
-        print("okdfast.train: stopped at once by a second signal (nothing saved since the last checkpoint; "
-              "continue with --resume auto)", file=sys.stderr, flush=True)  # fmt: skip
+        print("okdfast.train: stopped at once (a second signal, or one before training started): nothing was saved "
+              "since the last checkpoint; continue with --resume auto", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(130) from None
 
 
@@ -357,7 +358,9 @@ def _run(start: Start, dist_info: DistInfo, device: torch.device) -> dict[str, A
             log(format_row(row, method))
 
             if epoch_done:
-                scheduler.step()
+                with warnings.catch_warnings():  # a resume at an epoch's last step has made no optimizer step yet
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                    scheduler.step()
                 state.epoch += 1
                 state.step_in_epoch = 0
                 state.partial_sums = {}
@@ -425,6 +428,7 @@ def record_start(
             "parameters": num_params,
         }
         folder.write_config(resolved)
+    if start.new_run or not folder.has(ENVIRONMENT):  # also when a kill cut the first session's write short
         folder.write_environment(environment)
     folder.append_session(
         {

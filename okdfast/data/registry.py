@@ -129,9 +129,11 @@ def load_dataset(
     except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         # The readers raise these for files that exist but are not the data set's: damaged, another layout,
         # another data set (their messages name the file and what was expected).
+        where = ", ".join(str(root) for root in roots)
+        reason = str(error).rstrip(".") or type(error).__name__
         raise DataError(
-            f"data set {builders[key]!r}: its files could not be read: {error}. Fix: replace the damaged files "
-            "(fetch them again with --download into an empty folder) or point --data-dir at a good copy"
+            f"data set {builders[key]!r} in {where}: its files could not be read ({reason}). Fix: replace the "
+            "damaged files (fetch them again with --download into an empty folder) or point --data-dir at a good copy"
         ) from error
     if subset is not None:
         splits = splits.subset(subset, seed)

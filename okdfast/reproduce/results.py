@@ -121,7 +121,9 @@ class CellResult:
             if run.index in done:
                 continue
             if run.index in apart:
-                parts.append(f"s{run.seed} not pooled (its {', '.join(apart[run.index])} differ from the other seeds')")
+                parts.append(
+                    f"s{run.seed} not pooled: its config differs from the other seeds' in {', '.join(apart[run.index])}"
+                )
                 continue
             if run.status == "new":
                 parts.append(f"s{run.seed} not started")

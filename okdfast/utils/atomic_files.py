@@ -124,15 +124,31 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append whole lines (``text`` ends with a newline) in one write, flushed and fsynced."""
+    """Append whole lines (``text`` ends with a newline) in one write, flushed and fsynced. A last line a kill cut
+    short (no newline) is dropped first, so that it never merges with the next line into one damaged line."""
     path = Path(path)
     try:
-        with open(path, "ab") as handle:
+        with open(path, "a+b") as handle:
+            _drop_cut_line(handle)
             _write_all(handle, text.encode("utf-8"), path)
     except OSError as error:
         if isinstance(error, UserError):
             raise
         raise write_error(path, error, f"The lines written to {path.name} before are kept.") from error
+
+
+def _drop_cut_line(handle: IO[bytes]) -> None:
+    """Truncate a file opened with "a+b" to its last newline when it does not end with one."""
+    end = handle.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    handle.seek(end - 1)
+    if handle.read(1) == b"\n":
+        return
+    start = max(0, end - (1 << 20))  # lines are short: the last MiB holds the last newline
+    handle.seek(start)
+    cut = handle.read(end - start).rfind(b"\n")
+    handle.truncate(start + cut + 1 if cut >= 0 else 0)
 
 
 def orphaned_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,13 @@ def _read(path: Path, prefix: str, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        found = re.search(
+            r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|[Uu]nsupported class [\w.]+", str(error)
+        )
+        what = f" ({found.group(0)})" if found else ""
         raise CheckpointError(
-            f"{prefix} holds Python objects other than tensors and plain containers, which okdfast checkpoints "
-            f"never do; it is refused because loading it could run code ({_first_line(error)}); expected {EXPECTED}"
+            f"{prefix} holds Python objects other than tensors and plain containers{what}, which okdfast "
+            f"checkpoints never do; it is refused because loading it could run code; expected {EXPECTED}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
         raise CheckpointError(f"{prefix} is damaged ({_first_line(error)}); expected {EXPECTED}") from None
