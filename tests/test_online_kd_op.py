@@ -712,3 +712,9 @@ def test_triton_interpreter_suite():
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="in the interpreter the kernels do run on the CPU")
+def test_kernel_on_a_device_where_it_cannot_run_is_one_clear_error():
+    with pytest.raises(ValueError, match="do not run on cpu.*fused_loss='auto'"):
+        online_kd(torch.randn(4, 3, 10), torch.tensor([0, 1, 2, 3]), kernel=True)

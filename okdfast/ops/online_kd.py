@@ -170,8 +170,15 @@ def online_kd(
         check_target_values(target, logits.shape[-1], options.ignore_index)
     if kd_weight is not None:
         kd_weight = kd_weight.detach().reshape(()).to(torch.float32)
+    runs_here = use_triton(logits, float64=True)
     if kernel is None:
-        kernel = use_triton(logits, float64=True)
+        kernel = runs_here
+    if kernel and not runs_here:
+        raise ValueError(
+            f"the fused online-KD kernels were asked for (fused_loss='on' / kernel=True) but do not run on "
+            f"{logits.device} {logits.dtype} tensors: they need CUDA (or TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1 "
+            "on the CPU); use fused_loss='auto' (the kernels where they run, the reference elsewhere) or 'off'"
+        )
     if not kernel:
         return online_kd_reference(logits, target, teacher, teacher_weights, options, kd_weight)
 
