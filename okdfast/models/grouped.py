@@ -44,13 +44,17 @@ from okdfast.models.wide_resnet import WideBasicBlock
 BRANCH_IMPLS = ("auto", "loop", "grouped")
 
 # --branch-impl auto: the archs where grouped runs, per device type (loop elsewhere and on device types not listed).
-# CPU: where benchmarks/bench_branches.py measured grouped faster (benchmarks/results/branches.csv).
+# The rule: grouped where benchmarks/bench_branches.py measured it >= 1.10x loop at each of K = 2, 4 and 8 (shared
+# trunk); smaller differences are within run-to-run noise. CPU (benchmarks/results/branches.csv): none qualifies.
+# The BasicBlock ResNets' small gains at batch 8 changed sign at batch 16 and 32; WRN-20-8, VGG-16 (most: oneDNN's
+# grouped convs on 2x2 maps) and the DenseNets lose.
 # CUDA: not measured yet; the pick until a GPU row replaces it. Grouped for the narrow nets, whose per-branch convs
 # (16-64 channels on 8x8 / 16x16 maps; DenseNet's 12-48) are far too small to fill a GPU: that step is bound by
 # launches (K convs, K BN and K ReLU launches per layer in the loop form; one of each grouped) and the grouped form
 # also reads the trunk output once. Loop for the wide ones (wrn20_8 and wrn20_8_bottleneck at 512 channels per
 # branch, VGG's 512): there each conv fills the GPU by itself, and cuDNN's grouped convs with wide groups have
 # been reported slower than the same convs run separately (pytorch/pytorch#73764, #70954), so grouping could lose.
+# (DenseNet's 12 output channels per group are cuDNN's other weak case; at these sizes launches should dominate.)
 AUTO_GROUPED: dict[str, frozenset[str]] = {
     "cpu": frozenset(),
     "cuda": frozenset(
