@@ -174,6 +174,7 @@ def run(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]
 
     ``explicit``: the fields the command line set (``parse_config``'s); None for a library caller, whose every set
     field counts (a resumed run refuses values that contradict its own config, ``okdfast.resume``)."""
+    config.validate()  # a library caller's config is checked as the command line's is
     dist_info, device = setup_distributed(config.device)
     try:
         start = plan_start(config, explicit, writer=dist_info.is_main)

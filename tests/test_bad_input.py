@@ -252,6 +252,20 @@ def test_cli_a_diverged_run_stops_with_the_step_and_the_advice(capsys, tmp_path)
     assert "Try a lower --lr" in err and not (out / "last.pt").exists()  # nothing written after it
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (dict(epochs="3"), "--epochs 3: must be an integer"),
+        (dict(nesterov="no"), "--nesterov no: must be true or"),
+        (dict(milestones=[0.5, float("nan")]), "--milestones 0.5 nan: must be a list of finite numbers"),
+    ],  # fmt: skip
+)
+def test_cli_library_callers_config_is_checked_the_same(values, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run(TrainConfig(**values, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # yaml: the same checks for --config values, naming the file
 # ---------------------------------------------------------------------------------------------------------------

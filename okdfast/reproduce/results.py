@@ -12,6 +12,7 @@ of a cell are pooled only when their stored configs are equal in everything but 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import yaml
 from okdfast.recipe import pooling_differences, pooling_key
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
+from okdfast.utils.atomic_files import atomic_write_text
 
 COLUMNS = ["method", "arch", "dataset", "paper", "okdfast mean ± std (n seeds)", "last vs best epoch", "config", "log"]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -374,11 +376,14 @@ def write_results(
 ) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "results.md", out / "results.csv"
-    md_path.write_text(results_markdown(table, schedule, results, catalog, base=out, command=command, plots=plots))
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(results_csv_rows(table, schedule, results))
+    # Replaced atomically, like a run's files: a kill during a report never leaves half a table.
+    markdown = results_markdown(table, schedule, results, catalog, base=out, command=command, plots=plots)
+    atomic_write_text(md_path, markdown)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(results_csv_rows(table, schedule, results))
+    atomic_write_text(csv_path, buffer.getvalue())
     return md_path, csv_path
 
 
@@ -441,4 +446,4 @@ def update_readme(readme: Path, block: str) -> None:
     bodies[key] = block
     order = list(bodies)
     new_section = "\n" + README_INTRO + "\n\n" + "\n\n".join(bodies[k] for k in order) + "\n"
-    readme.write_text(text[: start + len(README_START)] + new_section + text[end:])
+    atomic_write_text(readme, text[: start + len(README_START)] + new_section + text[end:])
