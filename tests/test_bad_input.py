@@ -56,7 +56,7 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("O
 
 TINY = ["--dataset", "synthetic", "--arch", "resnet8", "--method", "one", "--subset", "20", "--batch-size", "10",
         "--epochs", "2", "--eval-batch-size", "100", "--workers", "0", "--progress", "off", "--deterministic",
-        "--seed", "1"]  # fmt: skip
+        "--seed", "1", "--device", "cpu"]  # fmt: skip
 RUN_FILES = ("config.yaml", "environment.json", "sessions.jsonl", "train.log", "metrics.jsonl", "metrics.csv",
              "last.pt", "best.pt", "summary.json")  # fmt: skip
 
@@ -224,11 +224,14 @@ def test_cli_best_metric_of_another_method_is_refused_before_the_first_epoch(cap
     assert "acc_gate" in err and not out.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--device", "cuda"], "--device cuda: CUDA is not available on this machine; use --device cpu"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: CUDA is not available on this machine; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
         (["--cuda-graphs"], "--cuda-graphs needs a CUDA device (this run is on cpu); drop the flag"),
     ],
 )
@@ -492,7 +495,7 @@ def test_ckpt_resume_on_other_data_is_refused(capsys, tmp_path):
     _npz(second / "cifar10.npz", y_train=np.arange(30) % 10)  # the same sizes, other labels
     run_dir = tmp_path / "run"
     argv = ["--dataset", "cifar10", "--arch", "resnet8", "--method", "one", "--batch-size", "10", "--epochs", "2",
-            "--workers", "0", "--progress", "off", "--out", str(run_dir)]  # fmt: skip
+            "--workers", "0", "--progress", "off", "--device", "cpu", "--out", str(run_dir)]  # fmt: skip
     main([*argv, "--data-dir", str(first), "--max-steps", "2"])
     before = snapshot(run_dir)
     message = "the data set read now is not the one the run was trained on (digest"
