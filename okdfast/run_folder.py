@@ -31,7 +31,7 @@ import yaml
 from okdfast.errors import RunFolderError
 from okdfast.utils.atomic_files import append_text, atomic_link, atomic_write_text, remove_orphaned_temps
 from okdfast.utils.checkpoint import atomic_save
-from okdfast.utils.metrics_log import MetricsLog
+from okdfast.utils.metrics_log import MetricsLog, read_rows
 
 CONFIG, ENVIRONMENT, SESSIONS, LOG = "config.yaml", "environment.json", "sessions.jsonl", "train.log"
 METRICS_JSONL, METRICS_CSV, SUMMARY, LAST, BEST = "metrics.jsonl", "metrics.csv", "summary.json", "last.pt", "best.pt"
@@ -133,6 +133,15 @@ class RunFolder:
         """metrics.jsonl / metrics.csv rewritten to ``history`` (the rows of the checkpoint resumed; none for a new
         run), then appended to."""
         return MetricsLog(self.path, history)
+
+    def rows_before(self, epochs_done: int) -> list[dict[str, Any]]:
+        """The finished-epoch rows metrics.jsonl holds for epochs < ``epochs_done`` (for a format-1 checkpoint,
+        which carries no history of its own)."""
+        try:
+            rows = read_rows(self.path / METRICS_JSONL) if self.has(METRICS_JSONL) else []
+        except ValueError:
+            rows = []
+        return [row for row in rows if not row.get("partial") and row.get("epoch", epochs_done) < epochs_done]
 
     def save_checkpoint(self, payload: dict[str, Any], *, best: bool = False) -> None:
         """last.pt, and best.pt as the same file when this is the best epoch."""

@@ -266,7 +266,8 @@ def _run(start: Start, dist_info: DistInfo, device: torch.device) -> dict[str, A
         state = restore_from_payload(
             start.payload, method, optimizer, scheduler, scaler, f"--resume {start.checkpoint}"
         )
-        history = list(start.payload.get("history") or [])
+        history = start.payload.get("history")
+        history = list(history) if history is not None else folder.rows_before(state.epoch)  # format 1
     guard = NonFiniteGuard(device, first_step=state.global_step)
 
     # Everything is ready: from here on the run folder is written (a start that failed above left nothing).

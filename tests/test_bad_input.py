@@ -612,6 +612,18 @@ def test_resume_rebuilds_the_metrics_a_crash_cut(damage, stopped_run, reference_
     assert_same_rows(run_dir, reference_run)
 
 
+def test_resume_of_a_format_1_checkpoint_keeps_the_rows_of_its_epochs(stopped_run, reference_run, tmp_path):
+    run_dir = copy_run(stopped_run, tmp_path)
+    payload = safe_load(run_dir / "last.pt")
+    for key in ("history", "data"):  # what format 1 did not carry
+        del payload[key]
+    payload["format"] = 1
+    atomic_save(payload, run_dir / "last.pt")
+    main(["--out", str(run_dir), "--resume", "auto"])
+    assert_same_rows(run_dir, reference_run)
+    assert_consistent(run_dir)
+
+
 def test_resume_removes_orphaned_temp_files(reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     (run_dir / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
