@@ -371,7 +371,8 @@ def test_npz_reader_layouts(tmp_path):
     np.savez(tmp_path / "cifar10.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     s = load_dataset("cifar10", data_dir=tmp_path)
     assert np.array_equal(s.train.images, x_train) and np.array_equal(s.test.labels, y_test)
-    assert s.source.endswith("(npz)")
+    assert "(npz)" in s.source and s.source.endswith("[CIFAR-10 (partial: 10/50,000 train, 4/10,000 test)]")
+    assert s.provenance.partial and s.provenance.path == str((tmp_path / "cifar10.npz").absolute())
     # NCHW images, train_x-style names, (N, 1) int32 labels
     other = tmp_path / "other"
     other.mkdir()

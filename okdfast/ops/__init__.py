@@ -4,9 +4,9 @@ Importing this package registers ``okdfast::online_kd_fwd`` and ``okdfast::onlin
 references (the spec, the CPU path and the test oracle) live in :mod:`okdfast.ops.reference`.
 """
 
+import okdfast.ops.online_kd  # noqa: F401  (registers the ops)
 from okdfast.ops.classifier_diversity import classifier_diversity_loss
 from okdfast.ops.dispatch import fused_enabled, use_triton
-import okdfast.ops.online_kd  # noqa: F401  (registers the ops)
 from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms
 
 __all__ = ["OnlineKDOptions", "OnlineKDTerms", "classifier_diversity_loss", "fused_enabled", "use_triton"]
