@@ -18,7 +18,7 @@ row per family, then the other K and DML), to the harness' folder (runs/bench/ u
 ``--commit-results``); ``--time-budget`` stops before a row that would start after it.
 
     python -m benchmarks.bench_branches --quick --threads 1 --commit-results   # the CPU rows in benchmarks/results
-    python -m benchmarks.bench_branches --quick --time-budget 50               # the GPU plan's step (bf16, B=128)
+    python -m benchmarks.bench_branches --quick                                # the GPU plan's step (bf16, B=128)
     python -m benchmarks.bench_branches --archs resnet32 wrn20_8 --branches 2 4 8 --batch-size 128 --compile
 """
 
@@ -40,6 +40,7 @@ from okdfast.models import MultiBranchNet, list_models  # noqa: E402
 FAMILIES = ["resnet32", "wrn20_8", "vgg16", "densenet40_12", "resnet110"]  # one K=4 row each, right after resnet32
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_QUICK_DML = ("resnet32", "densenet40_12_bc")
+QUICK_CUDA_BUDGET_S = 40.0  # --quick on CUDA: no row starts after this (the GPU plan's step has 60 s, imports included)
 Case = tuple[str, int, str]  # (arch, K, trunk)
 
 
@@ -93,69 +94,86 @@ def step_fn(net: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None)
     return step
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(
+    case: Case, args: argparse.Namespace, device: torch.device, base: dict[str, Any], folder: Path
+) -> list[dict[str, Any]]:
+    """The loop row, then the grouped row (with its speedup), of one (arch, K, trunk), each written as measured."""
+    arch, k, trunk = case
+    amp = AMP_DTYPES[args.amp]
+    rows: list[dict[str, Any]] = []
+    torch.manual_seed(1)
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    nets = {impl: build(arch, k, trunk, impl, device, args.channels_last) for impl in ("loop", "grouped")}
+    error = check_equal(nets, images)
+    medians: dict[str, float] = {}
+    for impl, net in nets.items():
+        model = torch.compile(net) if args.compile else net
+        timing = harness.time_fn(
+            step_fn(model, images, amp),
+            device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            setup=lambda net=net: net.zero_grad(set_to_none=True),
+        )
+        medians[impl] = timing.median_ms
+        grouped = impl == "grouped"
+        row = {
+            **base,
+            "arch": arch,
+            "branches": k,
+            "trunk": trunk,
+            "impl": impl,
+            "batch_size": args.batch_size,
+            "channels_last": args.channels_last,
+            "amp": args.amp,
+            "compile": args.compile,
+            "threads": torch.get_num_threads() if device.type == "cpu" else "",
+            **timing.as_row(),
+            "images_per_s": args.batch_size / (timing.median_ms / 1e3),
+            "speedup": medians["loop"] / timing.median_ms if grouped else "",
+            "max_rel_error": error if grouped else "",
+        }
+        harness.append_row("branches", row, folder)
+        rows.append(row)
+        speed = f"  grouped/loop {row['speedup']:.2f}x" if grouped else ""
+        print(
+            f"{arch:22s} K={k} {trunk:6s} {impl:7s} {timing.median_ms:9.2f} ms "
+            f"[{timing.p20_ms:.2f}, {timing.p80_ms:.2f}]{speed}",
+            flush=True,
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path, list[str]]:
+    """Every planned row: the rows measured, the CSV's path, and the cases that failed (each an ``error`` row)."""
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training does (okdfast.utils.seeding) unless --deterministic
-    amp = AMP_DTYPES[args.amp]
     folder = harness.results_dir(args.results_dir, args.commit_results)
     budget = harness.TimeBudget(args.time_budget)
     base = harness.machine_columns("branches", device)
-    rows: list[dict[str, Any]] = []
     cases = plan(args)
+    failed: list[str] = []
+    rows: list[dict[str, Any]] = []
     for index, (arch, k, trunk) in enumerate(cases):
         if budget.skip(", ".join(f"{a} K={kk} {t}" for a, kk, t in cases[index:])):
             break
-        torch.manual_seed(1)
-        images = torch.randn(args.batch_size, 3, 32, 32, device=device)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        nets = {impl: build(arch, k, trunk, impl, device, args.channels_last) for impl in ("loop", "grouped")}
-        error = check_equal(nets, images)
-        medians: dict[str, float] = {}
-        for impl, net in nets.items():
-            model = torch.compile(net) if args.compile else net
-            timing = harness.time_fn(
-                step_fn(model, images, amp),
-                device,
-                warmup=args.warmup,
-                repeats=args.repeats,
-                setup=lambda net=net: net.zero_grad(set_to_none=True),
+        try:
+            rows += measure((arch, k, trunk), args, device, base, folder)
+        except Exception as error:  # one broken row must not cost the others (a GPU visit is one shot)
+            message = f"{type(error).__name__}: {error}"[:500]
+            print(f"{arch} K={k} {trunk}: FAILED {message}", flush=True)
+            harness.append_row(
+                "branches", {**base, "arch": arch, "branches": k, "trunk": trunk, "error": message}, folder
             )
-            medians[impl] = timing.median_ms
-            grouped = impl == "grouped"
-            row = {
-                **base,
-                "arch": arch,
-                "branches": k,
-                "trunk": trunk,
-                "impl": impl,
-                "batch_size": args.batch_size,
-                "channels_last": args.channels_last,
-                "amp": args.amp,
-                "compile": args.compile,
-                "threads": torch.get_num_threads() if device.type == "cpu" else "",
-                **timing.as_row(),
-                "images_per_s": args.batch_size / (timing.median_ms / 1e3),
-                "speedup": medians["loop"] / timing.median_ms if grouped else "",
-                "max_rel_error": error if grouped else "",
-            }
-            rows.append(row)
-            path = harness.append_row("branches", row, folder)
-            speed = f"  grouped/loop {row['speedup']:.2f}x" if grouped else ""
-            print(
-                f"{arch:22s} K={k} {trunk:6s} {impl:7s} {timing.median_ms:9.2f} ms "
-                f"[{timing.p20_ms:.2f}, {timing.p80_ms:.2f}]{speed}",
-                flush=True,
-            )
-        del nets
+            failed.append(f"{arch} K={k} {trunk}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if rows:
-        print(f"wrote {len(rows)} rows to {path}")
-    return rows
+    return rows, folder / "branches.csv", failed
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -217,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"CUDA: {', '.join(FAMILIES)}; CPU: every arch, DML only for {' and '.join(CPU_QUICK_DML)} at K=4",
     )
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds: no row starts after them")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help=f"seconds: no row starts after them (default: none; --quick on CUDA: {QUICK_CUDA_BUDGET_S:.0f})",
+    )
     harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
@@ -227,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats if args.repeats is not None else (30 if on_cuda else 3)
     if args.compile:
         args.warmup = max(args.warmup, 3)
+    if args.quick and on_cuda and args.time_budget is None:
+        args.time_budget = QUICK_CUDA_BUDGET_S
     if args.trunks is None:
         args.trunks = ["shared", "dml"]
     if args.archs is None:
         args.archs = FAMILIES if args.quick and on_cuda else list_models()
-    rows = run(args)
+    rows, path, failed = run(args)
     if any(r["impl"] == "grouped" for r in rows):
-        plot(rows, harness.results_dir(args.results_dir, args.commit_results) / f"branches_{rows[0]['device']}.png")
+        plot(rows, path.parent / f"branches_{rows[0]['device']}.png")
+    print(f"{len(rows)} rows in {path}")
+    if failed:
+        print(f"failed rows: {', '.join(failed)} (the error column of branches.csv)")
+        return 1
     return 0
 
 

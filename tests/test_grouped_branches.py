@@ -121,10 +121,13 @@ def assert_near(actual: dict[str, Tensor], expected: dict[str, Tensor], tol: flo
         assert error <= tol * scale, f"{what} {key}: |grouped - loop| = {error:.3e}, scale {scale:.3e}"
 
 
-def step_record(net: MultiBranchNet, x: Tensor, upstream: tuple[Tensor, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """One train-mode forward + backward: the outputs, the input gradient and the parameter gradients."""
+def step_record(
+    net: MultiBranchNet, x: Tensor, upstream: tuple[Tensor, Tensor], forward=None
+) -> dict[str, dict[str, Tensor]]:
+    """One train-mode forward + backward (through ``forward``, e.g. a compiled ``net``, if given): the outputs, the
+    input gradient and the parameter gradients."""
     x = x.clone().requires_grad_()
-    out = net(x)
+    out = (net if forward is None else forward)(x)
     loss = (out.logits * upstream[0]).sum() + (out.pooled * upstream[1]).sum()
     if out.trunk is not None:
         loss = loss + out.trunk.square().mean()  # what reads the trunk (ONE's gate) gets a gradient too
@@ -192,13 +195,10 @@ def test_the_default_tier_covers_every_arch_and_k():
     assert {s for _, _, s in DEFAULT_CASES} == {True, False}
 
 
-@pytest.mark.parametrize(
-    "arch, k, shared",
-    [("resnet20", 3, True), ("wrn20_8_bottleneck", 2, True), ("vgg16_mlp", 2, True), ("densenet40_12_bc", 4, False)],
-    ids=lambda v: str(v),
-)
-def test_fp32_channels_last_as_accurate_as_loop(arch, k, shared):
-    """The production path (fp32 kernels, channels-last): grouped is as close to the fp64 truth as loop is."""
+def check_fp32_accuracy(arch: str, k: int, shared: bool, compile_grouped: bool = False) -> None:
+    """fp32 channels-last (the kernels training runs): grouped is as close to the fp64 loop result as loop fp32 is
+    (within 4x, plus 1e-6 of the scale). At these tiny batches fp32 itself can be far from fp64 (vgg16_mlp: 1e-3 of
+    the scale, BN over 2-6 values per channel), so a fixed fp32 tolerance would test the conditioning, not the code."""
     size = image_size(arch)
     nets = {torch.float64: make_pair(arch, k, shared), torch.float32: make_pair(arch, k, shared, torch.float32)}
     x = torch.randn(BATCH, 3, size, size)
@@ -209,7 +209,8 @@ def test_fp32_channels_last_as_accurate_as_loop(arch, k, shared):
             inp = x.to(dtype)
             if dtype == torch.float32:
                 net, inp = net.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
-            record = step_record(net, inp, (upstream[0].to(dtype), upstream[1].to(dtype)))
+            forward = torch.compile(net) if compile_grouped and impl == "grouped" and dtype == torch.float32 else None
+            record = step_record(net, inp, (upstream[0].to(dtype), upstream[1].to(dtype)), forward)
             results[impl, dtype] = {**record["outputs"], **record["grads"]}
     truth = results["loop", torch.float64]
     assert_near(results["grouped", torch.float64], truth, 1e-9, f"{arch} fp64")
@@ -220,8 +221,16 @@ def test_fp32_channels_last_as_accurate_as_loop(arch, k, shared):
         return max((got[key].double() - value).abs().max().item() for key, value in truth.items()) / scale
 
     assert error("grouped") <= 4 * error("loop") + 1e-6, (error("grouped"), error("loop"))
-    out = results["grouped", torch.float32]
-    assert out["x.grad"].is_contiguous(memory_format=torch.channels_last)
+    assert results["grouped", torch.float32]["x.grad"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "arch, k, shared",
+    [("resnet20", 3, True), ("wrn20_8_bottleneck", 2, True), ("vgg16_mlp", 2, True), ("densenet40_12_bc", 4, False)],
+    ids=lambda v: str(v),
+)
+def test_fp32_channels_last_as_accurate_as_loop(arch, k, shared):
+    check_fp32_accuracy(arch, k, shared)
 
 
 def test_state_dict_is_the_loop_forms_and_loads_both_ways():
@@ -285,16 +294,8 @@ def test_torch_compile_fullgraph_channels_last():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "vgg16_mlp"])  # BN/conv/shared-input conv; the batched MLP head
 def test_torch_compile_inductor(arch):
-    """Inductor (C++ on the CPU, 30-60 s to compile each) against eager loop: fp32, fused and reordered sums."""
-    loop, grouped = make_pair(arch, 3, True, torch.float32)
-    size = image_size(arch)
-    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
-    compiled = torch.compile(grouped.to(memory_format=torch.channels_last))
-    out, ref = compiled(x), loop(x)
-    (out.logits.sum() + out.pooled.sum()).backward()
-    (ref.logits.sum() + ref.pooled.sum()).backward()
-    assert_near({"logits": out.logits}, {"logits": ref.logits}, 1e-3, f"{arch} inductor logits")
-    assert_near(loop_form_grads(grouped), loop_form_grads(loop), 1e-3, f"{arch} inductor grads")
+    """Inductor (C++ on the CPU, 30-60 s to compile each; fused, reordered sums) is as accurate as eager loop."""
+    check_fp32_accuracy(arch, 3, True, compile_grouped=True)
 
 
 def test_sync_batchnorm_conversion_keeps_per_branch_statistics():

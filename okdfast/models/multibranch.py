@@ -61,8 +61,8 @@ class MultiBranchNet(nn.Module):
     ``branch_impl``: 'loop' | 'grouped' | 'auto' (see the module docstring; 'auto' resolves for CUDA when it is
     available, else the CPU: pass 'loop' or 'grouped' to choose for another device). The resolved impl is
     ``self.branch_impl``. Grouped, ``branches`` (and ``trunks`` for DML) is one module on branch-stacked channels
-    instead of a list of K, so read the classifier weights through :meth:`classifier_weights`; ``state_dict`` and
-    ``load_state_dict`` still speak the loop form.
+    instead of a list of K, so read the classifier weights through :meth:`classifier_weights`; its parameters (and
+    so an optimizer's state) are the grouped tensors, while ``state_dict`` and ``load_state_dict`` speak the loop form.
     """
 
     def __init__(
