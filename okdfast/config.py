@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from okdfast.errors import ConfigError
+from okdfast.recipe import DERIVED_KEYS
 
 
 @dataclass
@@ -259,10 +260,7 @@ class TrainConfig:
         return config
 
 
-# Keys config.yaml holds besides the fields (derived values, written for people and tools: okdfast.train).
-STORED_EXTRA_KEYS = frozenset(
-    {"milestones_epochs", "amp_dtype", "num_classes", "data_source", "world_size", "parameters", "data"}
-)
+STORED_EXTRA_KEYS = DERIVED_KEYS  # keys config.yaml holds besides the fields (okdfast.recipe)
 
 
 def _flag(name: str) -> str:

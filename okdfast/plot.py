@@ -55,9 +55,15 @@ class RunData:
     summary: dict[str, Any]
 
     @property
+    def data_label(self) -> str:
+        """The data set as the run recorded it: its name, and what is partial or lossy about it."""
+        record = self.summary.get("data") or self.config.get("data_file") or {}
+        return record.get("label") or str(self.config.get("dataset", "?"))
+
+    @property
     def label(self) -> str:
         c = self.config
-        return f"{c.get('method', '?')} {c.get('arch', '?')} {c.get('dataset', '?')} seed {c.get('seed', '?')}"
+        return f"{c.get('method', '?')} {c.get('arch', '?')} seed {c.get('seed', '?')}, {self.data_label}"
 
     @property
     def finished(self) -> bool:
@@ -96,6 +102,16 @@ def _style_epochs(ax: Any, run: RunData) -> None:
             line.set_markersize(3)
 
 
+# the methods' own heads (okdfast.evaluate): colour and line style in the accuracy figure
+HEAD_STYLES = {
+    "acc_leader": ("tab:purple", "-"),
+    "acc_target": ("tab:green", "-."),
+    "acc_gate": ("tab:purple", ":"),
+    "acc_aux_ensemble": ("tab:orange", "--"),
+    "acc_aux_mean": ("tab:gray", ":"),
+}
+
+
 def _head_keys(rows: list[dict[str, Any]]) -> list[str]:
     keys = {k for row in rows for k in row if k.startswith("acc_")}
     return sorted(k for k in keys if not k.startswith("acc_branch_") and k != "acc_ensemble")
@@ -115,7 +131,8 @@ def accuracy_figure(run: RunData) -> Figure:
     if any("acc_ensemble" in row for row in run.rows):
         ax.plot(*run.series("acc_ensemble"), color="tab:red", linestyle="--", linewidth=1.8, label="ensemble")
     for key in _head_keys(run.rows):
-        ax.plot(*run.series(key), color="tab:purple", linestyle=":", linewidth=1.8, label=f"{key[4:]} head")
+        color, style = HEAD_STYLES.get(key, ("tab:purple", ":"))
+        ax.plot(*run.series(key), color=color, linestyle=style, linewidth=1.8, label=key[4:].replace("_", " "))
     ax.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title=f"Test accuracy: {run.label}")
     _style_epochs(ax, run)
     ax.grid(alpha=0.3)
@@ -179,13 +196,25 @@ def comparison_groups(runs: list[RunData]) -> dict[str, dict[str, list[float]]]:
         if len(rivals) > 1:
             c = members[0].config
             label += "\n" + " ".join(f"{name}={_short(c.get(name))}" for name in pooling_differences(rivals))
-        group = groups.setdefault(label, {"branch mean": [], "ensemble": []})
+        group = groups.setdefault(label, {"branch mean": [], "ensemble": [], "head": []})
         for run in members:
             last = run.summary.get("last") or run.rows[-1]
             group["branch mean"].append(100.0 - last["acc_branch_mean"])
             if "acc_ensemble" in last:
                 group["ensemble"].append(100.0 - last["acc_ensemble"])
+            head = _head_of(run.config)
+            if head is not None and head in last:
+                group["head"].append(100.0 - last[head])
     return groups
+
+
+def _head_of(config: dict[str, Any]) -> str | None:
+    """The metric of the method's own model (``Method.head_name``): acc_gate (ONE), acc_leader (OKDDip, MDE)."""
+    from okdfast.methods import list_methods, method_class
+
+    method = config.get("method")
+    head = method_class(method).head_name if method in list_methods() else None
+    return f"acc_{head}" if head else None
 
 
 def _base_label(c: dict[str, Any]) -> str:
@@ -199,25 +228,30 @@ def _short(value: Any) -> str:
 
 
 def comparison_figure(
-    groups: dict[str, dict[str, list[float]]], references: dict[str, dict[str, float]] | None = None
+    groups: dict[str, dict[str, list[float]]],
+    references: dict[str, dict[str, float]] | None = None,
+    data: str | None = None,
 ) -> Figure:
-    """Bars: mean top-1 error per group and metric; error bars: sample std over seeds (only where n > 1).
-    ``references``: group -> {'branch mean': x, 'ensemble': y} drawn as black markers (the paper's numbers)."""
-    fig = _figure(width=max(6.0, 1.1 * len(groups) + 2.0), height=4.6)
+    """Bars: mean top-1 error per group and metric (branch mean, ensemble, the method's own head: ONE's gate,
+    OKDDip's and MDE's leader); error bars: sample std over seeds (only where n > 1). ``references``: group ->
+    {'branch mean': x, 'ensemble': y} drawn as black markers (the paper's numbers). ``data``: the data set's label
+    (partial or lossy data is named in the title)."""
+    fig = _figure(width=max(6.0, 1.4 * len(groups) + 2.0), height=4.6)
     ax = fig.add_subplot()
-    metrics = ["branch mean", "ensemble"]
-    width = 0.38
+    metrics = ["branch mean", "ensemble", "head"]
+    width = 0.27
     for m, metric in enumerate(metrics):
         xs, heights, errors, counts = [], [], [], []
         for g, values in enumerate(groups.values()):
             if values.get(metric):
-                xs.append(g + (m - 0.5) * width)
+                xs.append(g + (m - 1) * width)
                 heights.append(statistics.fmean(values[metric]))
                 errors.append(statistics.stdev(values[metric]) if len(values[metric]) > 1 else 0.0)
                 counts.append(len(values[metric]))
         if not xs:
             continue
-        bars = ax.bar(xs, heights, width, label=f"okdfast {metric}", alpha=0.85)
+        name = "head (gate / leader)" if metric == "head" else metric
+        bars = ax.bar(xs, heights, width, label=f"okdfast {name}", alpha=0.85)
         spread = [(x, h, e) for x, h, e, n in zip(xs, heights, errors, counts) if n > 1]  # one seed: no std to show
         if spread:
             ax.errorbar(*zip(*[(x, h) for x, h, _ in spread]), yerr=[e for *_, e in spread], fmt="none",
@@ -239,7 +273,7 @@ def comparison_figure(
             value = (references or {}).get(key, {}).get(metric)
             if value is not None:
                 ax.plot(
-                    [g + (m - 0.5) * width],
+                    [g + (m - 1) * width],
                     [value],
                     marker="_",
                     markersize=18,
@@ -251,7 +285,8 @@ def comparison_figure(
                 )
                 first = False
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
-    ax.set(ylabel="top-1 error (%), last epoch", title="Method comparison: mean ± std over seeds")
+    title = "Method comparison: mean ± std over seeds" + (f"\n{data}" if data else "")
+    ax.set(ylabel="top-1 error (%), last epoch", title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -289,7 +324,9 @@ def plot_runs(
             out = Path(os.path.commonpath([str(run.run_dir.resolve()) for run in runs])) / "plots"
         groups = comparison_groups(compared)
         if groups:
-            written["comparison"] = [_save(comparison_figure(groups, references), out / "comparison.png")]
+            data = "; ".join(sorted({run.data_label for run in compared}))
+            figure = comparison_figure(groups, references, data=data)
+            written["comparison"] = [_save(figure, out / "comparison.png")]
     return written
 
 

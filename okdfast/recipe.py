@@ -39,10 +39,13 @@ TUNABLE_FIELDS = frozenset(
 )
 # Not part of what is compared when runs are pooled as seeds: the seed itself, and implementation choices that
 # change only float rounding (branch_impl must match on resume, because optimizer states are not converted).
-# Derived values config.yaml also holds (where the data came from, the process count, the parameter count) are
-# exempt too: they follow from the fields or do not change what is measured.
-DERIVED_KEYS = frozenset({"data_source", "world_size", "parameters", "milestones_epochs", "num_classes", "data"})
-POOLING_EXEMPT = SESSION_FIELDS | TUNABLE_FIELDS | DERIVED_KEYS | {"seed", "branch_impl"}
+# Keys config.yaml holds besides the fields (derived values, written for people and tools by okdfast.train). They
+# are exempt from pooling too (they follow from the fields, or name paths), except ``data``, the fingerprint of
+# the data set itself: runs on other data are never pooled, whatever their data_dir says.
+DERIVED_KEYS = frozenset(
+    {"data_source", "world_size", "parameters", "milestones_epochs", "num_classes", "amp_dtype", "data", "data_file"}
+)
+POOLING_EXEMPT = SESSION_FIELDS | TUNABLE_FIELDS | (DERIVED_KEYS - {"data"}) | {"seed", "branch_impl"}
 
 
 # Fields with a value that means "resolve the default" (a stored config holds what it resolved to): that value

@@ -387,6 +387,7 @@ def _run(start: Start, dist_info: DistInfo, device: torch.device) -> dict[str, A
         # A run resumed after it had finished trains nothing: its last epoch is the logged one.
         "last": last_metrics or (metrics_log.rows[-1] if metrics_log is not None and metrics_log.rows else {}),
         "nonfinite_skipped_steps": int(guard.skipped_steps),
+        "data": data_record(splits),  # the file, its sha256, partial or lossy: never mistaken for the official set
     }
     if dist_info.enabled:
         summary["ddp_max_param_divergence"] = parameter_divergence(method, device)
@@ -426,6 +427,7 @@ def record_start(
             "num_classes": splits.num_classes,
             "data_source": splits.source,
             "data": data,
+            "data_file": data_record(splits),
             "world_size": dist_info.world_size,
             "parameters": num_params,
         }
@@ -446,6 +448,13 @@ def record_start(
             "environment": environment,
         }
     )
+
+
+def data_record(splits: Any) -> dict[str, Any]:
+    """What the run trained on (okdfast.data.provenance): path, sha256, partial / lossy and a label for titles."""
+    if splits.provenance is not None:
+        return splits.provenance.to_dict() | {"subset": splits.source.rpartition("[subset ")[2].rstrip("]") or None}
+    return {"source": splits.source, "official": False, "label": f"{splits.name} (generated, not a real data set)"}
 
 
 def tail_notes(plan: Any) -> list[str]:

@@ -31,7 +31,7 @@ def write_run(
 ) -> Path:
     """A run folder as okdfast.train writes it: config.yaml, metrics.jsonl (one row per epoch), summary.json."""
     run_dir.mkdir(parents=True)
-    head = {"one": "gate", "mde": "ffm", "okddip": "leader"}.get(method)
+    head = {"one": "gate", "mde": "leader", "okddip": "leader"}.get(method)
     rows = []
     for epoch in range(epochs):
         acc = 20.0 + 10.0 * epoch + seed
@@ -63,7 +63,7 @@ def test_accuracy_figure_has_every_branch_the_mean_the_ensemble_and_the_head(tmp
     run = load_run(write_run(tmp_path / "one", finished=False))
     assert [row["epoch"] for row in run.rows] == [0, 1, 2, 3, 4]  # the partial row is dropped
     ax = accuracy_figure(run).axes[0]
-    assert labels(ax) == ["branch 0", "branch 1", "branch 2", "branch mean", "ensemble", "gate head"]
+    assert labels(ax) == ["branch 0", "branch 1", "branch 2", "branch mean", "ensemble", "gate"]
     for line in ax.get_lines():
         assert list(line.get_xdata()) == [0, 1, 2, 3, 4]
     mean = next(line for line in ax.get_lines() if line.get_label() == "branch mean")
@@ -98,16 +98,17 @@ def test_comparison_bars_are_seed_means_with_std_error_bars(tmp_path):
     references = {"one\nresnet8\nsynthetic": {"branch mean": 40.0, "ensemble": 37.0}}
     ax = comparison_figure(groups, references).axes[0]
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-    assert [len(c) for c in bars] == [2, 2]  # branch mean and ensemble, one bar per group
+    assert [len(c) for c in bars] == [2, 2, 2]  # branch mean, ensemble and the head (gate, leader), one per group
     assert bars[0][0].get_height() == pytest.approx(statistics.fmean(errors))
     error_bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
-    assert len(error_bars) == 2
+    assert len(error_bars) == 3
     caps = error_bars[0].lines[2][0].get_segments()  # the vertical bar of the first group: mean ± std
     low, high = caps[0][0][1], caps[0][1][1]
     assert high - low == pytest.approx(2 * statistics.stdev(errors))
     references_drawn = [line for line in ax.get_lines() if line.get_gid() == "reference"]
     assert [line.get_ydata()[0] for line in references_drawn] == [40.0, 37.0]  # the 'one' group's markers
-    assert [t.get_text() for t in ax.texts] == ["n=3", "n=1", "n=3", "n=1"]
+    assert [t.get_text() for t in ax.texts] == ["n=3", "n=1"] * 3
+    assert groups["one\nresnet8\nsynthetic"]["head"] == pytest.approx([100 - (60.0 + s + 4) for s in (0, 1, 2)])
 
 
 def test_cli_writes_non_empty_pngs_for_every_run_and_the_comparison(tmp_path):

@@ -121,8 +121,9 @@ def test_runner_end_to_end_on_synthetic(tmp_path, capsys):
     assert rows[0][3] == "no paper number: synthetic data" and rows[1][3] == "90.00 (90.00) [1]"
     for row in rows:
         assert row[4].endswith("(2 seeds)"), row  # 'mean ± std (mean ± std) (2 seeds)'
-        assert " ± " in row[4] and row[5].startswith("last ") and " vs best " in row[5]
-        assert row[6].startswith("[config](") and row[7].count("[s") == 2
+        assert " ± " in row[4] and row[6].startswith("last ") and " vs best " in row[6]
+        assert row[7].startswith("[config](") and row[8].count("[s") == 2
+    assert rows[0][5] == "—" and rows[1][5].startswith("gate ") and " ± " in rows[1][5]  # ONE's head: its gate
     for link in (
         out / "independent_resnet8_synthetic_s1" / "train.log",
         out / "one_resnet8_synthetic_s0" / "config.yaml",

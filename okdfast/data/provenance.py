@@ -100,7 +100,7 @@ def describe(path: Path, dataset: str, train_images: int, test_images: int, *, l
     known = KNOWN_FILES.get(sha)
     full_train, full_test = OFFICIAL_SIZES.get(dataset, (train_images, test_images))
     return DataProvenance(
-        path=str(path.absolute()),
+        path=str(path.resolve()),
         sha256=sha,
         dataset=dataset,
         train_images=train_images,

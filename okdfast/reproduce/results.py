@@ -30,7 +30,17 @@ from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
 from okdfast.utils.atomic_files import atomic_write_text
 
-COLUMNS = ["method", "arch", "dataset", "paper", "okdfast mean ± std (n seeds)", "last vs best epoch", "config", "log"]
+COLUMNS = [
+    "method",
+    "arch",
+    "dataset",
+    "paper",
+    "okdfast branch mean (ensemble), mean ± std (n seeds)",
+    "okdfast head",
+    "last vs best epoch",
+    "config",
+    "log",
+]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 _BLOCK = re.compile(r"<!-- table:(\S+) -->.*?<!-- /table:\1 -->", flags=re.S)
 CSV_FIELDS = [
@@ -206,6 +216,26 @@ def okdfast_text(result: CellResult) -> str:
     return text
 
 
+def head_text(result: CellResult) -> str:
+    """The method's own model (ONE's gate, OKDDip's and MDE's leader): 'leader 24.10 ± 0.30', or '—'."""
+    head = result.head_key
+    if head is None or not result.finished:
+        return "—"
+    return f"{head[4:]} {_num(*result.stats(head))}"
+
+
+def data_labels(results: list[CellResult]) -> list[str]:
+    """The data the finished runs trained on, as they recorded it (name; partial or lossy; sha256)."""
+    labels = set()
+    for result in results:
+        for r in result.finished:
+            record = r.summary.get("data") or {}
+            if record.get("label"):
+                sha = f", sha256 {record['sha256'][:12]}…" if record.get("sha256") else ""
+                labels.add(f"{record['label']}{sha}")
+    return sorted(labels)
+
+
 def last_vs_best_text(result: CellResult) -> str:
     if not result.finished:
         return "—"
@@ -234,6 +264,7 @@ def table_rows(
                 catalog.label("datasets", table.dataset),
                 paper_text(cell, table, source_numbers),
                 okdfast_text(result),
+                head_text(result),
                 last_vs_best_text(result),
                 config,
                 logs,
@@ -297,8 +328,11 @@ def results_markdown(
         "Top-1 error (%) on the test set, **branch mean (ensemble)**, at the last epoch; okdfast: mean ± sample std "
         "over the finished seeds. Only finished runs count; an unfinished cell says how far its runs are. "
         "'last vs best': the last epoch against the best epoch of each run (best branch-mean test accuracy, "
-        "picked on the test set). The method's own model (ONE's gate, OKDDip's and MDE's leader) is in "
-        "results.csv (`err_head`).",
+        "picked on the test set). 'okdfast head': the method's own model (ONE's gate, OKDDip's and MDE's leader).",
+        "",
+    ]
+    lines += [f"Data: **{label}**  " for label in data_labels(results)]
+    lines += [
         "",
         f"Schedule **{schedule.name}**: {schedule.description}",
         "",
