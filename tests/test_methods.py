@@ -128,8 +128,10 @@ def test_okddip_targets_and_leader():
 
 
 def mde(**config):
+    """MDE on the loop form of the branches (the tests index net.branches and their parameter names)."""
     torch.manual_seed(0)
-    return create_method("mde", "resnet8", 10, MethodConfig(num_branches=config.pop("num_branches", 4), **config))
+    branches = config.pop("num_branches", 4)
+    return create_method("mde", "resnet8", 10, MethodConfig(num_branches=branches, branch_impl="loop", **config))
 
 
 def test_mde_layout():

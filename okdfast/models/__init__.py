@@ -2,7 +2,7 @@
 
 >>> from okdfast.models import create_model, list_models
 >>> net = create_model("resnet32", num_classes=100, num_branches=3)  # ONE-style: shared trunk + 3 branches
->>> out = net(images)  # logits (B, 3, 100), features (B, 3, 64, 8, 8), trunk (B, 32, 16, 16)
+>>> out = net(images)  # logits (B, 3, 100), pooled (B, 3, 64), trunk (B, 32, 16, 16)
 """
 
 # The backbone modules register themselves on import.
