@@ -563,6 +563,35 @@ class _Layout:
             self.w_arg = w
             self.w_strides = (0 if w.shape[0] == 1 else w.stride(0), w.stride(1), w.stride(2))
 
+    def inputs(self, logits: torch.Tensor, target: torch.Tensor, kd_weight: torch.Tensor | None) -> tuple:
+        """The pointer and stride arguments both row kernels start with: logits, labels, teacher, weights, kd."""
+        teacher_args = (self.t_arg, *self.t_strides, self.w_arg, *self.w_strides)
+        kd = logits if kd_weight is None else kd_weight  # any pointer where there is no kd tensor
+        return (logits, *logits.stride(), target, target.stride(0), *teacher_args, kd)
+
+    def scalars(self, logits: torch.Tensor, options) -> tuple:
+        """The scalar arguments both row kernels share: K, KT, C, ignore_index and the options' numbers."""
+        _, num_branches, num_classes = logits.shape
+        numbers = (options.temperature, options.label_smoothing, options.ce_weight, options.kd_weight)
+        numbers += (options.teacher_ce_weight,)
+        return (num_branches, self.rows, num_classes, options.ignore_index, *map(float, numbers))
+
+    def constexprs(self, options, kd_weight: torch.Tensor | None, acc: torch.dtype, config: tuple) -> dict:
+        """The specialisations both row kernels share (``config``: launch_config's result)."""
+        block_k, tb, block_c, num_warps = config
+        return {
+            "BLOCK_K": block_k,
+            "BLOCK_C": block_c,
+            "TB": tb,
+            "TEACHER_MODE": self.mode,
+            "PEER": options.mode == "peer",
+            "HAS_KD": options.kd_weight != 0.0 or kd_weight is not None,
+            "HAS_KDW": kd_weight is not None,
+            "TCE_MASK": options.teacher_ce_mask(self.rows),
+            "ACC": tl.float64 if acc == torch.float64 else tl.float32,
+            "num_warps": num_warps,
+        }
+
 
 def online_kd_forward(
     logits: torch.Tensor,
@@ -586,46 +615,18 @@ def online_kd_forward(
     device = logits.device
     acc = _acc(logits, teacher, teacher_weights)
     layout = _Layout(logits, teacher, teacher_weights, weight_rows)
-    block_k, tb, block_c, num_warps = launch_config(
-        num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps
-    )
+    config = launch_config(num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps)
     loss_rows = torch.empty(batch, dtype=acc, device=device)
     terms = torch.empty(batch, 3, dtype=acc, device=device)
-    stats = torch.empty(batch, NUM_STATS, block_k, dtype=acc, device=device)
-    has_kd = options.kd_weight != 0.0 or kd_weight is not None
+    stats = torch.empty(batch, NUM_STATS, config[0], dtype=acc, device=device)
     if batch > 0:
         _runnable(_online_kd_fwd_kernel, device)[(batch,)](
-            logits,
-            *logits.stride(),
-            target,
-            target.stride(0),
-            layout.t_arg,
-            *layout.t_strides,
-            layout.w_arg,
-            *layout.w_strides,
-            logits if kd_weight is None else kd_weight,
+            *layout.inputs(logits, target, kd_weight),
             loss_rows,
             terms,
             stats,
-            num_branches,
-            layout.rows,
-            num_classes,
-            options.ignore_index,
-            float(options.temperature),
-            float(options.label_smoothing),
-            float(options.ce_weight),
-            float(options.kd_weight),
-            float(options.teacher_ce_weight),
-            BLOCK_K=block_k,
-            BLOCK_C=block_c,
-            TB=tb,
-            TEACHER_MODE=layout.mode,
-            PEER=options.mode == "peer",
-            HAS_KD=has_kd,
-            HAS_KDW=kd_weight is not None,
-            TCE_MASK=options.teacher_ce_mask(layout.rows),
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            num_warps=num_warps,
+            *layout.scalars(logits, options),
+            **layout.constexprs(options, kd_weight, acc, config),
         )
     loss = torch.empty((), dtype=acc, device=device)
     summary = torch.empty(4, dtype=acc, device=device)
@@ -667,37 +668,26 @@ def online_kd_backward(
     device = logits.device
     acc = _acc(logits, teacher, teacher_weights)
     layout = _Layout(logits, teacher, teacher_weights, weight_rows)
-    block_k, tb, block_c, num_warps = launch_config(
-        num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps
-    )
-    if stats.shape[-1] != block_k:
+    config = launch_config(num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps)
+    tb = config[1]
+    if stats.shape[-1] != config[0]:
         raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K")
     need_z, need_t, need_w = needs
     need_t = need_t and teacher is not None
     need_w = need_w and teacher_weights is not None
-    peer = options.mode == "peer"
-    has_kd = options.kd_weight != 0.0 or kd_weight is not None
-    tce_mask = options.teacher_ce_mask(layout.rows)
+    shared = layout.constexprs(options, kd_weight, acc, config)
     # padded teacher rows (TB > KT) count as detached, so a fully detached teacher reads (1 << TB) - 1
     detach_mask = options.detach_mask(layout.rows) | ((1 << tb) - (1 << layout.rows) if tb > layout.rows else 0)
-    if peer:
+    if shared["PEER"]:
         detach_mask = 1 if options.detach_teacher else 0
-    teacher_grad = tce_mask != 0 or (has_kd and not peer and detach_mask != (1 << tb) - 1)
+    kl_trained = shared["HAS_KD"] and not shared["PEER"] and detach_mask != (1 << tb) - 1
     gz = torch.empty(logits.shape, dtype=logits.dtype, device=device) if need_z else None
     gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=device) if need_t else None
     gw = torch.empty(batch, layout.rows, num_branches, dtype=acc, device=device) if need_w else None
     if batch > 0 and (need_z or need_t or need_w):
-        placeholder = stats
+        placeholder = stats  # a pointer for the outputs not written
         _runnable(_online_kd_bwd_kernel, device)[(batch,)](
-            logits,
-            *logits.stride(),
-            target,
-            target.stride(0),
-            layout.t_arg,
-            *layout.t_strides,
-            layout.w_arg,
-            *layout.w_strides,
-            placeholder if kd_weight is None else kd_weight,
+            *layout.inputs(logits, target, kd_weight),
             stats,
             summary,
             grad_loss,
@@ -705,31 +695,14 @@ def online_kd_backward(
             placeholder if gz is None else gz,
             placeholder if gt is None else gt,
             placeholder if gw is None else gw,
-            num_branches,
-            layout.rows,
-            num_classes,
-            options.ignore_index,
-            float(options.temperature),
-            float(options.label_smoothing),
-            float(options.ce_weight),
-            float(options.kd_weight),
-            float(options.teacher_ce_weight),
-            BLOCK_K=block_k,
-            BLOCK_C=block_c,
-            TB=tb,
-            TEACHER_MODE=layout.mode,
-            PEER=peer,
+            *layout.scalars(logits, options),
             DETACH_MASK=detach_mask,
-            HAS_KD=has_kd,
-            HAS_KDW=kd_weight is not None,
-            TCE_MASK=tce_mask,
-            TEACHER_GRAD=teacher_grad,
+            TEACHER_GRAD=shared["TCE_MASK"] != 0 or kl_trained,
             MEAN=options.reduction == "mean",
             WRITE_GZ=need_z,
             WRITE_GT=need_t,
             WRITE_GW=need_w,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            num_warps=num_warps,
+            **shared,
         )
     if gw is not None:
         constant = (teacher_weights.dim() == 2 and layout.rows > 1) or teacher_weights.shape[0] == 1

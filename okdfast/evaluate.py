@@ -1,122 +1,54 @@
-"""Honest evaluation of a multi-branch model: every branch, the branch mean, the ensemble, the method's own heads
-(ONE's gate; OKDDip's and MDE's leader and auxiliary ensemble; MDE's FFM target) and the diversity between branches.
+"""Evaluate a checkpoint on its run's own test set: every branch, the branch mean, the ensemble, the method's heads
+and the diversity (the definitions are in okdfast/evaluation.py).
 
     python -m okdfast.evaluate RUN_DIR/best.pt [--data-dir DIR] [--device cpu]
 
-Definitions (all accuracies are top-1 in %, error = 100 - accuracy):
-- acc_branch_k: branch k alone; acc_branch_mean: the mean of the K branch accuracies (the paper's "average").
-- acc_ensemble: argmax of the mean of the K branch softmax probabilities.
-- acc_<head>: argmax of one of the method's head logits (``Method.heads``): acc_gate (ONE), acc_leader and
-  acc_aux_ensemble (the mean of the auxiliary logits; OKDDip, MDE), acc_target (MDE's FFM target).
-- acc_aux_mean: the mean of the auxiliary branches' accuracies (methods with a leader).
-- diversity_kl: mean over the ordered pairs j != k of KL(p_j || p_k) (T = 1), averaged over samples, and
-  disagreement: mean over the pairs of the fraction of samples whose two branches predict differently; both over
-  the auxiliary branches of a method with a leader (the leader learns from them, not with them), else over all K.
+The method and the test set are rebuilt from the checkpoint's own config; a checkpoint of another okdfast layout, a
+bad file or other data is refused with one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
-from contextlib import nullcontext
-from typing import Any
 
-import torch
-from torch import Tensor
+from okdfast.assemble import method_config
+from okdfast.checkpointing import check_same_data, load_weights
+from okdfast.config import TrainConfig
+from okdfast.data import build_loaders, load_dataset
+from okdfast.errors import EXIT_USER_ERROR, ConfigError, UserError
+from okdfast.evaluation import evaluate
+from okdfast.methods import create_method
+from okdfast.utils.checkpoint import load_checkpoint
+from okdfast.utils.distributed import setup_distributed
 
-from okdfast.errors import EXIT_USER_ERROR, UserError
-from okdfast.methods import Method
-from okdfast.utils.distributed import all_reduce_sum
-
-
-def diversity_sums(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum over samples of the mean pairwise KL, of the mean pairwise disagreement) of (B, M, C) logits, M >= 2."""
-    count = logits.shape[1]
-    log_p = torch.log_softmax(logits, dim=-1)
-    p = log_p.exp()
-    neg_entropy = (p * log_p).sum(-1)  # (B, M)
-    cross = torch.einsum("bjc,bkc->bjk", p, log_p)  # (B, M, M)
-    kl_sum = (neg_entropy.sum(-1) * count - cross.sum(dim=(1, 2))).sum() / (count * (count - 1))
-    predictions = logits.argmax(dim=-1)
-    differ = predictions.unsqueeze(2) != predictions.unsqueeze(1)  # (B, M, M), diagonal False
-    return kl_sum, differ.sum(dim=(1, 2)).float().sum() / (count * (count - 1))
+__all__ = ["evaluate", "evaluate_checkpoint", "main"]
 
 
-def batch_statistics(logits: Tensor, heads: dict[str, Tensor], target: Tensor, diverse: slice) -> Tensor:
-    """Sums over one batch, as one float64 vector (so a single all-reduce serves every metric):
-    [n, correct_branch_0..K-1, correct_ensemble, correct_head per head, kl_pairs_sum, disagree_pairs_sum,
-    ce_ensemble_sum]; the diversity over the branches in ``diverse``."""
-    logits = logits.float()
-    predictions = logits.argmax(dim=-1)  # (B, K)
-    correct = (predictions == target.unsqueeze(1)).sum(dim=0)  # (K,)
-    ensemble_prob = torch.softmax(logits, dim=-1).mean(dim=1)
-    parts = [torch.tensor([float(target.numel())], device=logits.device), correct.float()]
-    parts.append((ensemble_prob.argmax(dim=-1) == target).sum().reshape(1).float())
-    parts += [(head.float().argmax(dim=-1) == target).sum().reshape(1).float() for head in heads.values()]
-    chosen = logits[:, diverse]
-    zero = torch.zeros((), device=logits.device)
-    kl_sum, disagree_sum = diversity_sums(chosen) if chosen.shape[1] > 1 else (zero, zero)
-    ce_ensemble = -torch.log(ensemble_prob.gather(1, target.unsqueeze(1)).clamp_min(1e-12)).sum()
-    parts += [kl_sum.reshape(1), disagree_sum.reshape(1), ce_ensemble.reshape(1)]
-    return torch.cat(parts).double()
-
-
-def metrics_from_sums(sums: Tensor, num_branches: int, head_names: list[str], aux_branches: int | None) -> dict:
-    n = float(sums[0])
-    branch_acc = [100.0 * float(c) / n for c in sums[1 : 1 + num_branches]]
-    rest = [float(v) for v in sums[1 + num_branches :]]
-    metrics = {f"acc_branch_{k}": acc for k, acc in enumerate(branch_acc)}
-    metrics["acc_branch_mean"] = sum(branch_acc) / num_branches
-    if aux_branches is not None:
-        metrics["acc_aux_mean"] = sum(branch_acc[:aux_branches]) / aux_branches
-    if num_branches > 1:
-        metrics["acc_ensemble"] = 100.0 * rest[0] / n
-    for i, name in enumerate(head_names):
-        metrics[f"acc_{name}"] = 100.0 * rest[1 + i] / n
-    if num_branches > 1:
-        metrics["diversity_kl"] = rest[-3] / n
-        metrics["disagreement"] = rest[-2] / n
-    metrics["test_ce_ensemble"] = rest[-1] / n
-    return metrics
-
-
-@torch.no_grad()
-def evaluate(
-    method: Method,
-    loader: Iterable[tuple[Tensor, Tensor]],
-    device: torch.device,
-    *,
-    autocast: Any = None,
-    channels_last: bool = False,
+def evaluate_checkpoint(
+    checkpoint: str, *, data_dir: str | None = None, device: str = "auto", batch_size: int = 500
 ) -> dict[str, float]:
-    """Top-1 of every branch, branch mean, ensemble and heads, plus diversity; sums all-reduced across ranks."""
-    was_training = method.training
-    method.eval()
-    sums: Tensor | None = None
-    head_names: list[str] = []
-    diverse = slice(0, method.aux_branches)
-    for images, target in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = target.to(device, non_blocking=True)
-        with autocast or nullcontext():
-            output = method(images)
-            heads = method.heads(output)
-        head_names = list(heads)
-        stats = batch_statistics(output.logits, heads, target, diverse)
-        sums = stats if sums is None else sums + stats
-    method.train(was_training)
-    if sums is None:
-        raise ValueError("evaluate() got an empty loader")
-    all_reduce_sum(sums)
-    return metrics_from_sums(sums.cpu(), method.config.num_branches, head_names, method.aux_branches)
+    """Rebuild a run's method and test set from a checkpoint's own config and evaluate it (messages name
+    ``okdfast.evaluate``, the command that asked)."""
+    where = "okdfast.evaluate"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{where} --batch-size {batch_size}: must be an integer >= 1")
+    payload = load_checkpoint(checkpoint, where=where)
+    config = TrainConfig.from_dict(payload["config"], f"{where} {checkpoint}")
+    if data_dir is not None:
+        config.data_dir = data_dir
+    _, torch_device = setup_distributed(device)
+    splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.data_seed)
+    check_same_data(payload.get("data"), splits, f"{where} {checkpoint}")
+    _, test_loader = build_loaders(
+        splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
+    )
+    method = create_method(config.method, config.arch, splits.num_classes, method_config(config))
+    load_weights(payload, method, f"{where} {checkpoint}")
+    return evaluate(method.to(torch_device), test_loader, torch_device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from okdfast.train import build_eval_from_checkpoint  # the loop owns how a run is rebuilt from its config
-
     parser = argparse.ArgumentParser(prog="python -m okdfast.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a last.pt or best.pt written by okdfast.train")
     parser.add_argument("--data-dir", default=None, help="where the data set lies (default: the run's own)")
@@ -124,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args(argv)
     try:
-        metrics = build_eval_from_checkpoint(
+        metrics = evaluate_checkpoint(
             args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size
         )
     except UserError as error:  # a bad path, checkpoint or data set: one line, no traceback

@@ -55,6 +55,42 @@ def branches_of(config: TrainConfig) -> int:
     return config.branches if config.branches is not None else method_class(config.method).default_branches
 
 
+def recipe_fields() -> list[str]:
+    """The fields that make a run what it is (every field but the session's and the tunable settings)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SESSION_FIELDS | TUNABLE_FIELDS]
+
+
+def check_checkpoint_of_folder(
+    base: TrainConfig, folder_config: dict[str, Any], checkpoint: Path, run_dir: Path
+) -> None:
+    """--resume PATH into a folder that holds a run: the checkpoint must be of that run."""
+    theirs = TrainConfig.from_dict(folder_config, str(run_dir / CONFIG)).to_dict()
+    ours = {k: v for k, v in base.to_dict().items() if not is_unset(k, v)}
+    clash = differences(theirs, ours, recipe_fields())
+    if clash:
+        raise CheckpointError(
+            f"--resume {checkpoint}: this checkpoint is of another run than the one in {run_dir} (the checkpoint "
+            f"vs {CONFIG}: {'; '.join(clash)}); resume it with --out of its own folder, or pass another --out"
+        )
+
+
+def refuse_other_recipe(base: TrainConfig, given: dict[str, Any], source: str) -> None:
+    """A resumed run keeps its own recipe: a value this command gives that contradicts it is refused."""
+    refused = differences(base.to_dict(), given, recipe_fields())
+    if refused:
+        extend = (
+            " Extending a run to more epochs is not supported: its lr milestones and KD ramp-up follow from "
+            "--epochs; start a new run for a longer schedule."
+            if any(item.startswith("--epochs ") for item in refused)
+            else ""
+        )
+        raise ConfigError(
+            f"{source}: the run it continues has another config than this command's: {'; '.join(refused)}. A "
+            f"resumed run keeps its own config: drop these flags to continue it, or pass --out NEW (without --resume) "
+            f"to start a new run with them.{extend}"
+        )
+
+
 def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer: bool = True) -> Start:
     """Decide what this start is (see the module docstring); raises a UserError for every refusal. Reads the run
     folder and the checkpoint; writes nothing."""
@@ -83,36 +119,14 @@ def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer:
     where = f"--resume {checkpoint}" if payload is not None else f"{run_dir / CONFIG}"
     base = TrainConfig.from_dict(stored, where)
     if payload is not None and folder_config is not None:
-        theirs = TrainConfig.from_dict(folder_config, str(run_dir / CONFIG)).to_dict()
-        recipe = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SESSION_FIELDS | TUNABLE_FIELDS]
-        ours = {k: v for k, v in base.to_dict().items() if not is_unset(k, v)}
-        clash = differences(theirs, ours, recipe)
-        if clash:
-            raise CheckpointError(
-                f"--resume {checkpoint}: this checkpoint is of another run than the one in {run_dir} (the checkpoint "
-                f"vs {CONFIG}: {'; '.join(clash)}); resume it with --out of its own folder, or pass another --out"
-            )
-
+        check_checkpoint_of_folder(base, folder_config, checkpoint, run_dir)
     given = {
         name: getattr(config, name)
         for name in explicit
         if name not in SESSION_FIELDS and not is_unset(name, getattr(config, name))
     }
-    recipe_names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SESSION_FIELDS | TUNABLE_FIELDS]
-    refused = differences(base.to_dict(), given, recipe_names)
-    if refused:
-        extend = (
-            " Extending a run to more epochs is not supported: its lr milestones and KD ramp-up follow from "
-            "--epochs; start a new run for a longer schedule."
-            if any(item.startswith("--epochs ") for item in refused)
-            else ""
-        )
-        source = f"--resume {checkpoint}" if payload is not None else f"--resume {config.resume}: {run_dir / CONFIG}"
-        raise ConfigError(
-            f"{source}: the run it continues has another config than this command's: {'; '.join(refused)}. A "
-            f"resumed run keeps its own config: drop these flags to continue it, or pass --out NEW (without --resume) "
-            f"to start a new run with them.{extend}"
-        )
+    source = f"--resume {checkpoint}" if payload is not None else f"--resume {config.resume}: {run_dir / CONFIG}"
+    refuse_other_recipe(base, given, source)
     changes = {
         name: (getattr(base, name), given[name])
         for name in sorted(TUNABLE_FIELDS & set(given))

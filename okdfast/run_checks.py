@@ -8,7 +8,7 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.errors import ConfigError
-from okdfast.evaluate import metrics_from_sums
+from okdfast.evaluation import metrics_from_sums
 from okdfast.methods import Method
 
 
@@ -31,7 +31,7 @@ def check_for_device(config: TrainConfig, device: torch.device, world_size: int)
 
 @torch.no_grad()
 def metric_names(method: Method, device: torch.device) -> list[str]:
-    """The test metrics ``okdfast.evaluate.evaluate`` reports for this method (from one eval-mode forward of two
+    """The test metrics ``okdfast.evaluation.evaluate`` reports for this method (from one eval-mode forward of two
     blank images: no RNG drawn, no statistics updated)."""
     was_training = method.training
     method.eval()

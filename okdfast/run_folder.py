@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,31 @@ class RunFolder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+
+def record_start(
+    folder: RunFolder,
+    *,
+    new_run: bool,
+    resolved: dict[str, Any],
+    environment: dict[str, Any],
+    resumed_from: dict[str, Any] | None,
+    changes: dict[str, tuple[Any, Any]],
+    world_size: int,
+) -> None:
+    """config.yaml (``resolved``) and environment.json for a new run, written once; a sessions.jsonl line for
+    every start (``resumed_from``: the checkpoint and position continued, None for a fresh start)."""
+    if new_run:
+        folder.write_config(resolved)
+    if new_run or not folder.has(ENVIRONMENT):  # also when a kill cut the first session's write short
+        folder.write_environment(environment)
+    folder.append_session(
+        {
+            "session": folder.sessions() + 1,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": resumed_from,
+            "changed": {name: {"run": before, "now": now} for name, (before, now) in changes.items()},
+            "world_size": world_size,
+            "environment": environment,
+        }
+    )

@@ -41,12 +41,13 @@ import torch
 import yaml
 
 from okdfast.config import TrainConfig, build_parser, parse_config
+from okdfast.epoch import merge_sums
 from okdfast.errors import UserError
 from okdfast.evaluate import main as evaluate_main
 from okdfast.functional import classifier_diversity_loss, online_kd_loss
 from okdfast.ops.online_kd_options import OnlineKDOptions
 from okdfast.ops.reference import classifier_diversity_reference, online_kd_reference
-from okdfast.train import main, merge_sums, run
+from okdfast.train import main, run
 from okdfast.utils import atomic_files
 from okdfast.utils.checkpoint import atomic_save, safe_load
 from okdfast.utils.metrics_log import read_rows
@@ -982,7 +983,7 @@ def test_usability_help_explains_every_flag():
 def test_usability_loss_terms_keep_their_order_in_every_process():
     assert list(merge_sums({"loss": 1.0, "ce": 2.0}, {"loss": 1.0, "ce": 1.0, "kd": 3.0})) == ["loss", "ce", "kd"]
     terms = "['loss', 'ce', 'teacher_ce', 'kd', 'cd']"
-    code = f"from okdfast.train import merge_sums; print(list(merge_sums({{}}, dict.fromkeys({terms}, 1.0))))"
+    code = f"from okdfast.epoch import merge_sums; print(list(merge_sums({{}}, dict.fromkeys({terms}, 1.0))))"
     orders = {
         subprocess.run(
             [sys.executable, "-c", code],

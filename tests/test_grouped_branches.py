@@ -396,9 +396,10 @@ def test_training_runs_agree_and_checkpoints_cross_load(method, tmp_path):
     grouped differ by 2e-7 (relative) after 1 step, 9e-7 after 2, 3e-4 after 3 and 3e-3 after 5, while two loop runs
     agree bit for bit; the float64 runs above are the long-horizon check.
     """
+    from okdfast.assemble import method_config
     from okdfast.config import TrainConfig
     from okdfast.methods import create_method
-    from okdfast.train import method_config, run
+    from okdfast.train import run
     from okdfast.utils.checkpoint import safe_load
 
     states = {}

@@ -3,7 +3,8 @@
 A registered builder is ``fn(roots, *, download, seed, **options) -> DatasetSplits``: ``roots`` are the folders
 to search in order (``okdfast.data.locate.search_roots``), ``options`` the data-set specific keyword arguments
 that :func:`load_dataset` passes through (e.g. ``include_valid`` for ``cinic10``, ``num_classes`` for
-``synthetic``). Built in: ``cifar10``, ``cifar100``, ``cinic10``, ``synthetic``, ``synthetic100``.
+``synthetic``). Built in: ``cifar10``, ``cifar100``, ``cinic10``, ``synthetic``, ``synthetic100``, registered when
+``okdfast.data`` is imported (which Python does before any of its modules).
 """
 
 from __future__ import annotations
@@ -79,14 +80,8 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     return decorator
 
 
-def _load_builtin() -> None:
-    # The reader files register themselves on import; importing the package imports them all.
-    import okdfast.data  # noqa: F401
-
-
 def list_datasets(pattern: str = "*") -> list[str]:
     """Sorted registered names matching the fnmatch ``pattern`` (e.g. ``"cifar*"``)."""
-    _load_builtin()
     return sorted(fnmatch.filter(DATASETS, pattern))
 
 
@@ -114,7 +109,6 @@ def load_dataset(
         ``test_size`` for ``synthetic``).
     Raises :class:`~okdfast.data.locate.DatasetNotFoundError` when the files are in none of the searched places.
     """
-    _load_builtin()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r}: must be a non-negative int")
     key = _canonical(name)

@@ -1,6 +1,7 @@
 """Backbones registered by name (timm style): ``@register_model("resnet32")``, ``create_arch``, ``list_models``.
 
-A registered builder takes ``num_classes`` and returns an :class:`~okdfast.models.parts.ArchParts`.
+A registered builder takes ``num_classes`` and returns an :class:`~okdfast.models.parts.ArchParts`. The built-in
+backbones register themselves when ``okdfast.models`` is imported, which Python does before any of its modules.
 """
 
 from __future__ import annotations
@@ -27,20 +28,13 @@ def register_model(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
     return decorator
 
 
-def _load_builtin() -> None:
-    # The backbone files register themselves on import; importing the package imports them all.
-    import okdfast.models  # noqa: F401
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted registered names matching the fnmatch ``pattern`` (e.g. ``"resnet*"``)."""
-    _load_builtin()
     return sorted(fnmatch.filter(_REGISTRY, pattern))
 
 
 def create_arch(name: str, num_classes: int) -> ArchParts:
     """Build the trunk and the branch factory of the backbone ``name`` for ``num_classes`` classes."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

@@ -96,7 +96,7 @@ def training_flops_per_image(config: TrainConfig, num_classes: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from okdfast.methods import create_method
-    from okdfast.train import method_config
+    from okdfast.assemble import method_config
 
     with torch.device("meta"):
         method = create_method(config.method, config.arch, num_classes, method_config(config))
@@ -113,7 +113,8 @@ def probe_speed(
 ) -> tuple[float, str]:
     """Times the training step of ``config``'s method and arch on random tensors; returns (images/s, detail)."""
     from okdfast.methods import create_method
-    from okdfast.train import method_config, resolve_amp
+    from okdfast.assemble import method_config
+    from okdfast.precision import resolve_amp
 
     device = run_device(config)
     resolved = config.resolve_speed_defaults(device.type)

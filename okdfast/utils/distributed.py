@@ -85,3 +85,14 @@ def cleanup_distributed() -> None:
         except RuntimeError:
             pass  # a peer already failed: tear down what is left; its error is the one to report
         dist.destroy_process_group()
+
+
+def parameter_divergence(module: torch.nn.Module) -> float:
+    """Largest |p_rank - p_rank0| over all floating-point parameters and buffers and all ranks (0.0 when DDP kept
+    them equal)."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in module.state_dict().values() if t.is_floating_point()])
+    reference = flat.clone()
+    torch.distributed.broadcast(reference, src=0)
+    divergence = (flat - reference).abs().max().reshape(1)
+    torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+    return float(divergence)
