@@ -219,11 +219,11 @@ class TrainConfig:
 
     def resolve_speed_defaults(self, device_type: str) -> TrainConfig:
         """A copy with every speed setting concrete: on CUDA channels-last, AMP (bf16, else fp16) and
-        torch.compile are on unless turned off. On the CPU channels-last is on (1.24-1.27x for resnet32, 1.3x for
-        resnet8), AMP and compile are off: bf16 autocast was 1.5-1.7x on this machine's AVX512-BF16 CPU, but it
-        changes the numerics of the fp32 runs CPU users and tests compare against and is slow on CPUs without native
-        bf16 (``--amp`` turns it on); compile was 1.2x but costs ~1 minute per run start, more than short CPU runs
-        gain (``--compile``). Measured with benchmarks/bench_train.py (benchmarks/results/train.csv).
+        torch.compile are on unless turned off. On the CPU channels-last is on (it measured faster there), AMP and
+        compile are off: bf16 autocast changes the numerics of the fp32 runs CPU users and tests compare against and
+        is emulated on CPUs without native bf16 (``--amp`` turns it on); compile costs about a minute per run start,
+        more than short CPU runs gain (``--compile``). The measurements: benchmarks/results/train.csv
+        (benchmarks/bench_train.py).
         ``--branch-impl auto`` becomes loop or grouped for the device type and arch (okdfast.models.grouped)."""
         from okdfast.models.grouped import resolve_branch_impl
 

@@ -2,7 +2,7 @@
 
 On CUDA, ``auto`` is bf16 where the device supports it, else fp16 (with a GradScaler). On the CPU, autocast runs
 bf16; on a CPU without native bf16 instructions (``avx512_bf16`` / ``amx_bf16``) every bf16 op is emulated and a
-step was measured several times slower than fp32 (the reliability issue: 7x on an AVX2 machine). So ``--amp auto``
+step is several times slower than fp32 (reported on an AVX2 machine). So ``--amp auto``
 there runs fp32 and says so; an explicit ``--amp bf16`` is kept, with a warning and the ``--amp off`` alternative.
 """
 

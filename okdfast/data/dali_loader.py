@@ -13,8 +13,8 @@ needed) or as GPU kernels on CUDA, overlapped with training by DALI's prefetch q
 
 The randomness is the plan's (:class:`~okdfast.data.loader.EpochPlan`), not DALI's random operators, so this loader
 yields the torch loader's batches (equal up to float rounding: DALI computes ``(v - 255 m) / (255 s)``, the
-reference ``(v / 255 - m) / s``; measured difference < 1e-6 in fp32), is deterministic under a seed, resumes mid-epoch
-and shards like ``DistributedSampler``.
+reference ``(v / 255 - m) / s``; the tests bound the difference by fp32 rounding), is deterministic under a seed,
+resumes mid-epoch and shards like ``DistributedSampler``.
 
 CINIC-10 read from its folders can be decoded by DALI (``files=``: the PNGs of every row, in the rows' order, as
 ``DatasetSplits.files`` lists them): each batch's files are read as bytes and decoded by ``fn.decoders.image``.

@@ -20,19 +20,12 @@ sharding under torchrun.
 - ``auto``: on CUDA, ``gpu`` when the data set fits (:func:`~okdfast.data.gpu_loader.fits_on_device`), else ``dali``
   when installed, else ``torch``; on the CPU, :data:`CPU_AUTO`. The choice and its reason are printed.
 
-:data:`CPU_AUTO` is ``torch`` (DataLoader worker processes prepare the next batches while the main process
-trains), measured on the 2-core development machine (``benchmarks/results/``, load average in every row):
-
-- loaders alone (``loader.csv``, batch 128, 1 intra-op thread, load ~2): gpu-on-CPU 94-129k img/s, 1.8-2.5x the
-  torch loader with 2 workers (43-52k); dali 1.8-2.2x, ffcv 1.8-2.0x. Alone, the in-process loaders are faster;
-- training (``loader_train.csv``: mde, resnet8, synthetic subset 3200, 4 epochs of batch 64, 2 intra-op threads,
-  quiet machine, load ~1): gpu-on-CPU 816 img/s, dali 911, ffcv 714, torch 842, all four at the same accuracy
-  (branch mean 80.4-80.6%, ensemble 81.4%: the same batches);
-- end to end (``train.csv``, ``bench_train``: mde, resnet32 K=3, batch 128): the gpu loader on the CPU at 0.88x and
-  0.90x of the torch loader in two runs. A step costs ~1000x a batch's preparation, so what decides on the CPU is
-  whether the preparation overlaps the step: in the gpu loader it runs in the training process, between steps; in
-  the torch loader's workers it runs beside them. On this data the torch loader wins by 3-12%, so it is the CPU
-  choice; on CUDA the preparation is a kernel launch and the gpu loader is the choice.
+:data:`CPU_AUTO` is ``torch``: on the CPU a training step costs about a thousand times a batch's preparation, so
+what decides is whether the preparation overlaps the step. In the in-process loaders (gpu-on-CPU, dali, ffcv) it
+runs between steps; in the torch loader's worker processes it runs beside them. Alone, the in-process loaders are
+faster; in training the torch loader won on the 2-core development machine, at the same accuracy for all four (the
+same batches): ``benchmarks/results/loader.csv``, ``loader_train.csv`` and ``train.csv``. On CUDA the preparation
+is a kernel launch and the gpu loader is the choice.
 """
 
 from __future__ import annotations

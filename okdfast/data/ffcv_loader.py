@@ -96,8 +96,8 @@ def ensure_beton(dataset: ArrayDataset, name: str, split: str, cache_dir: str | 
     to a temporary name, then renamed) and the stale ones of the same ``name`` and ``split`` removed.
 
     FFCV's writer forks one process per worker; a fork of a process that already runs threads (DALI's, numba's, a
-    DataLoader's pin-memory thread, CUDA's) can deadlock in the child, and measured here the processes' start-up
-    cost more than the work (raw 32x32 images only need copying). So the one worker runs as a thread in this
+    DataLoader's pin-memory thread, CUDA's) can deadlock in the child, and the processes' start-up costs more than
+    the work (raw 32x32 images only need copying). So the one worker runs as a thread in this
     process: ``ffcv.writer.Process`` is swapped for ``threading.Thread`` while the file is written.
     """
     import_ffcv()

@@ -4,7 +4,7 @@ CIFAR-100's 50k training images are 150 MiB as uint8 (CINIC-10's 180k train+vali
 GPU's memory, so they are copied to the device once and every batch is cut from them on the device: no workers,
 no pinned host buffers, no host-to-device copy per batch. Per epoch the host draws the :class:`EpochPlan` (one
 permutation and the crop corners and flips of every position, from the same seeded CPU generators as the torch
-loader; measured 1 ms for 50k images, 25 ms for 180k, on one busy core) and sends it to the device in one copy
+loader: milliseconds per epoch) and sends it to the device in one copy
 of 25 bytes per image. Per batch the device runs two launches: the fused Triton kernel ``okdfast.kernels.augment``
 (gather + crop + flip + normalise + cast + layout, reading each uint8 once and writing the batch once) and the label
 gather.

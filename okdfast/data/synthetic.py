@@ -10,16 +10,9 @@ own shift, mixed in at a random weight up to ``DISTRACTOR_MAX`` of the class's o
 100% slowly, as on real data). The class signal is spatial but position-free, so the random crop (4-px padding)
 and horizontal flip keep it; a texture's mirror image is never another class's texture.
 
-Measured on 2 shared CPU cores (seed 0; a CNN of 3 conv layers 32/64/128 with BN, max-pool, global average
-pool; SGD lr 0.05 nesterov, wd 5e-4; batch 64 through ``build_loaders`` with the crop/flip augmentation):
-
-    data set       chance  step 50  step 100  step 200  step 300  step 600   mean colour (linear / MLP)
-    synthetic      0.10    0.47     0.64      0.91      0.81*                0.33 / 0.30
-    synthetic100   0.01    0.07     0.09      0.18      0.35      0.47       0.06 / 0.06
-    (* constant lr: the test accuracy still swings from step to step)
-The 10-class row is ``pytest -m slow tests/test_data.py -k learnable`` (asserts > 0.4 at step 300).
-
-Generating the 6000 images of ``synthetic`` takes about 0.45 s (one core, numpy, vectorised over images).
+So a small CNN learns it in a few hundred steps, well above chance, while a classifier of the mean colour stays near
+chance: ``pytest -m slow tests/test_data.py -k learnable`` checks the 10-class set (it must pass 40% at step 300).
+The images are generated vectorised over images (numpy), in well under a second for the default sizes.
 ``synthetic100`` is the 100-class variant (10000 / 2000 images by default).
 
 Seeds: ``seed`` fixes the classes and the images; the class structure, the training set and the test set come

@@ -33,7 +33,7 @@ from okdfast.config import TrainConfig
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.utils.metrics_log import read_rows
 
-STARTUP_SECONDS = 10.0  # interpreter + imports + data load + warm-up of one run (measured: 4-9 s on 2 CPU cores)
+STARTUP_SECONDS = 10.0  # interpreter + imports + data load + warm-up of one run (a few seconds on a small CPU)
 EVAL_SPEEDUP = 3.0  # test images per second / training images per second (assumed)
 
 
@@ -95,8 +95,8 @@ def training_flops_per_image(config: TrainConfig, num_classes: int) -> float:
     the meta device: no memory, no compute, well under a second."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from okdfast.methods import create_method
     from okdfast.assemble import method_config
+    from okdfast.methods import create_method
 
     with torch.device("meta"):
         method = create_method(config.method, config.arch, num_classes, method_config(config))
@@ -112,8 +112,8 @@ def probe_speed(
     config: TrainConfig, num_classes: int, *, probe_seconds: float | None = None, max_steps: int = 20
 ) -> tuple[float, str]:
     """Times the training step of ``config``'s method and arch on random tensors; returns (images/s, detail)."""
-    from okdfast.methods import create_method
     from okdfast.assemble import method_config
+    from okdfast.methods import create_method
     from okdfast.precision import resolve_amp
 
     device = run_device(config)
