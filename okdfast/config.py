@@ -1,4 +1,4 @@
-"""The training configuration: defaults are the paper's recipe (METHOD.md section 4); every field is a CLI flag
+"""The training configuration: defaults are the paper's recipe (docs/METHOD.md section 4); every field is a CLI flag
 (``--batch-size`` for ``batch_size``) and may also come from a YAML file (``--config run.yaml``). Precedence:
 command line > YAML > defaults. The resolved config is written to every run folder as ``config.yaml``.
 

@@ -38,7 +38,7 @@ def test_catalog_holds_method_md_numbers_with_their_sources():
     assert one[0].text() == "25.74 (24.03)" and one[1].text() == "25.65 ± 0.15"
     assert table.cell("okddip", "resnet110").references[0].text() == "21.05 (19.40)"
     assert table.cell("baseline", "resnet32").references[0].text() == "28.91"
-    assert table.cell("mde", "resnet32").references == () and table.no_paper == "not in METHOD.md"
+    assert table.cell("mde", "resnet32").references == () and table.no_paper == "not in docs/METHOD.md"
     from okdfast.methods import list_methods
     from okdfast.models import list_models
 

@@ -1,4 +1,4 @@
-"""Per-dataset normalisation constants and class counts (METHOD.md section 4).
+"""Per-dataset normalisation constants and class counts (docs/METHOD.md section 4).
 
 The synthetic data sets have no published constants: their mean/std are measured on the generated training
 images with :func:`compute_mean_std`.

@@ -1,6 +1,6 @@
 """The paper's augmentation, batched: random crop 32 with 4-px zero padding + horizontal flip + normalisation.
 
-Per image (METHOD.md section 4; torchvision ``v2.RandomCrop(32, padding=4)``, ``v2.RandomHorizontalFlip()``,
+Per image (docs/METHOD.md section 4; torchvision ``v2.RandomCrop(32, padding=4)``, ``v2.RandomHorizontalFlip()``,
 ``v2.ToDtype(float32, scale=True)``, ``v2.Normalize(mean, std)``), with the crop's top-left corner
 ``(top, left)`` in the padded 40x40 image, each uniform over 0..8 (81 positions), and ``flip`` with probability 1/2:
 

@@ -143,7 +143,7 @@ class Method(nn.Module):
         teacher_ce_rows: tuple[int, ...] | None = None,
         detached_teacher_rows: tuple[int, ...] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """sum_k CE(z_k, y) + teacher_ce_weight * CE(t, y) + kd_weight * T^2 sum_k KD_k, batch-mean (METHOD.md),
+        """sum_k CE(z_k, y) + teacher_ce_weight * CE(t, y) + kd_weight * T^2 sum_k KD_k, batch-mean (docs/METHOD.md),
         with the teacher given as ``output.teacher_weights`` over the branches: one op call for all of it.
 
         ``kd_weight`` is alpha * w(e) (a device tensor from the train loop: no recompile per epoch; a float 0.0

@@ -10,7 +10,7 @@ ILR (backprop rescaling): the gradient that flows from the branches into the sha
 
 Deviations / choices: like the OKDDip code the targets t_k are not detached by default (``--detach-teacher``
 detaches them as Song & Chai's paper does, where the soft targets are treated as constants). The paper mixes the
-soft-target and label losses with a weight beta; we use METHOD.md's alpha * w(e) on the KL only.
+soft-target and label losses with a weight beta; we use docs/METHOD.md's alpha * w(e) on the KL only.
 """
 
 from __future__ import annotations

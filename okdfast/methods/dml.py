@@ -6,7 +6,7 @@ The total loss is sum_k L_k, one optimizer step for all networks.
 
 Deviations from the paper: the original DML updates the networks one after another within a step (each sees
 its peers' fresh predictions); like the OKDDip code, we update all networks jointly in one step. The temperature
-and ramp-up follow METHOD.md (T = 3, T^2 scaling, sigmoid ramp-up) rather than DML's T = 1 without ramp-up.
+and ramp-up follow docs/METHOD.md (T = 3, T^2 scaling, sigmoid ramp-up) rather than DML's T = 1 without ramp-up.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Shared trunk + K branches; a gate on the trunk output weights the branch logits 
     t = sum_k g_k z_k                                                  (B, C)
     L = sum_k CE(z_k, y) + CE(t, y) + alpha * w(e) * sum_k T^2 KL(p^T(t) || p^T(z_k))
 
-Deviations / choices: as in the OKDDip code (METHOD.md's reference), the teacher is NOT detached in the KL term by
+Deviations / choices: as in the OKDDip code (docs/METHOD.md's reference), the teacher is NOT detached in the KL term by
 default, so the KL gradient also reaches the gate and all branches through t; the original ONE code detaches it:
 ``--detach-teacher`` gives that variant. OKDDip's KL adds 1e-7 to the teacher probabilities; we do not.
 """

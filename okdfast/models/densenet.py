@@ -1,6 +1,6 @@
 """DenseNets for CIFAR (Huang et al. 2017) in trunk + branch form.
 
-``densenet40_12`` (METHOD.md; Huang et al.'s DenseNet (k = 12), depth 40, 1.0M parameters): conv3x3(3 -> 24),
+``densenet40_12`` (docs/METHOD.md; Huang et al.'s DenseNet (k = 12), depth 40, 1.0M parameters): conv3x3(3 -> 24),
 three dense blocks of 12 layers (BN-ReLU-conv3x3(-> 12)), each block's input concatenated with every layer's
 output; between blocks a transition BN-ReLU-conv1x1 (no compression)-avgpool 2x2. Widths: 24 -> 168 | 168 ->
 312 | 312 -> 456.
@@ -12,9 +12,9 @@ features (B, 456, 8, 8), taken after the final BN + ReLU (what is pooled).
 ``densenet40_12_bc`` is the OKDDip code's ``densenetd40k12``: DenseNet-BC layers (BN-ReLU-conv1x1(-> 48)-BN-ReLU-
 conv3x3(-> 12)), 6 layers per block, compression 0.5: widths 24 -> 96 -> 48 | 48 -> 120 -> 60 | 60 -> 132;
 trunk (B, 60, 8, 8), features (B, 132, 8, 8). (That code also assigns *one* block-3 module to every branch, so
-its branches share block 3; here every branch gets its own, as METHOD.md's multi-branch design intends.)
+its branches share block 3; here every branch gets its own, as docs/METHOD.md's multi-branch design intends.)
 
-Convs are Kaiming-normal fan_out (METHOD.md); the DenseNet reference code uses torch's default mode (fan_in):
+Convs are Kaiming-normal fan_out (docs/METHOD.md); the DenseNet reference code uses torch's default mode (fan_in):
 set CONV_INIT_MODE to match it.
 """
 

@@ -1,4 +1,4 @@
-"""The multi-branch network (METHOD.md section 1): one shared trunk + K branches (ONE), or K whole networks (DML).
+"""The multi-branch network (docs/METHOD.md section 1): one shared trunk + K branches (ONE), or K whole networks (DML).
 
 ``MultiBranchNet(arch, num_classes, K)`` returns, for images (B, 3, 32, 32), a :class:`BranchOutput` with the
 branch logits stacked once into (B, K, C), the pooled last-block features into (B, K, D) (what MDE's FFM and

@@ -1,4 +1,4 @@
-"""The two pieces every backbone is cut into: a shared trunk and a factory of branches (METHOD.md section 1).
+"""The two pieces every backbone is cut into: a shared trunk and a factory of branches (docs/METHOD.md section 1).
 
 An architecture file builds an :class:`ArchParts`: the trunk (stem + early stages, shared by the K branches in the
 ONE-style network) and ``make_branch``, which returns a fresh, independently initialised :class:`Branch` (the last
@@ -32,7 +32,7 @@ class Branch(nn.Module):
     """One branch: ``body`` (trunk output -> last-block features) then pool (+ head) + ``classifier``.
 
     ``forward(x)`` returns ``(pooled (B, D), logits (B, C))``: the pooled last-block feature s (what MDE's FFM and
-    OKDDip's attention read, METHOD.md section 3) and the branch logits. The (B, D, H, W) maps are never returned,
+    OKDDip's attention read, docs/METHOD.md section 3) and the branch logits. The (B, D, H, W) maps are never returned,
     so nothing downstream keeps them alive. ``classifier`` is always the final ``nn.Linear(D_head -> C)``; the CD
     loss reads ``classifier.weight``.
     """
@@ -82,7 +82,7 @@ def cat_branches(tensors: list[Tensor], num_branches: int = 1) -> Tensor:
 
 
 def init_weights(module: nn.Module, *, conv_mode: str = "fan_out", linear_std: float | None = None) -> nn.Module:
-    """Kaiming-normal convs (``conv_mode``, ReLU gain, bias 0), BN weight 1 / bias 0 (METHOD.md section 1).
+    """Kaiming-normal convs (``conv_mode``, ReLU gain, bias 0), BN weight 1 / bias 0 (docs/METHOD.md section 1).
 
     Linear layers keep torch's default init unless ``linear_std`` is given: then N(0, linear_std^2), bias 0
     (what the OKDDip VGG code does). Returns ``module`` for chaining.

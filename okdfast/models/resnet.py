@@ -8,7 +8,7 @@ are for option A (zero-padding, no parameters), so option B adds 2,752 parameter
 Split (ONE): the trunk is the stem + stages 1-2, (B, 3, 32, 32) -> (B, 32, 16, 16); each branch is stage 3 +
 pool + fc(64 -> C), with last-block features (B, 64, 8, 8).
 
-``resnet110`` is the BasicBlock ResNet-110 of METHOD.md (n = 18, He et al.). The OKDDip / ONE code's
+``resnet110`` is the BasicBlock ResNet-110 of docs/METHOD.md (n = 18, He et al.). The OKDDip / ONE code's
 ``resnet110`` is instead ``ResNet(Bottleneck, [12, 12, 12])`` (9n+2 = 110 layers, stage widths 64 / 128 / 256
 after expansion, last-block features (B, 256, 8, 8)); it is registered as ``resnet110_bottleneck``.
 """
@@ -157,7 +157,7 @@ def resnet56(num_classes: int) -> ArchParts:
 
 @register_model("resnet110")
 def resnet110(num_classes: int) -> ArchParts:
-    """BasicBlock ResNet-110 (n = 18), as METHOD.md section 1 and He et al. define it."""
+    """BasicBlock ResNet-110 (n = 18), as docs/METHOD.md section 1 and He et al. define it."""
     return cifar_resnet_parts(BasicBlock, 18, num_classes)
 
 

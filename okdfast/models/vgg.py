@@ -7,7 +7,7 @@ Split (OKDDip ``vgg_one.py``): trunk = stages 1-4, (B, 3, 32, 32) -> (B, 512, 2,
 512 convs of stage 5 + the final max-pool + head. The branch's last-block features are the last conv's output
 before that max-pool, (B, 512, 2, 2); ``Branch.classify`` max-pools them (global max over the 2x2 map).
 
-Heads: ``vgg16`` has a single fc(512 -> C) (METHOD.md). ``vgg16_mlp`` has the OKDDip code's head, fc(512 -> 512)
+Heads: ``vgg16`` has a single fc(512 -> C) (docs/METHOD.md). ``vgg16_mlp`` has the OKDDip code's head, fc(512 -> 512)
 -ReLU-Dropout-fc(512 -> 512)-ReLU-Dropout-fc(512 -> C); ``Branch.classifier`` is its last fc.
 Init as in that code: Kaiming-normal fan_out convs with bias 0, Linear N(0, 0.01^2) with bias 0.
 """

@@ -1,6 +1,6 @@
 """Wide ResNets for CIFAR (Zagoruyko & Komodakis 2016) in trunk + branch form.
 
-``wrn20_8`` (METHOD.md section 1): stem conv3x3(3 -> 16), three stages of 3 pre-activation wide basic blocks
+``wrn20_8`` (docs/METHOD.md section 1): stem conv3x3(3 -> 16), three stages of 3 pre-activation wide basic blocks
 (BN-ReLU-conv3x3-[dropout]-BN-ReLU-conv3x3 + shortcut) of widths 16*8 / 32*8 / 64*8, strides 1 / 2 / 2, then a
 final BN + ReLU, global average pool and fc(512 -> C). Where the shape changes the shortcut is a 1x1 conv applied
 to the pre-activated input (as in the WRN reference code). Depth 20 counts the stem, the 18 block convs and fc.

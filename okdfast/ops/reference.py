@@ -4,7 +4,7 @@ The fused Triton kernels (``okdfast.kernels``) must equal these functions; tests
 here so they can never drift apart. Everything is computed in float32 (inputs are upcast) whatever the input dtype,
 except float64, which stays float64 (:func:`upcast`).
 
-Notation (METHOD.md): B batch, K branches, C classes, z_k the logits of branch k, T the temperature,
+Notation (docs/METHOD.md): B batch, K branches, C classes, z_k the logits of branch k, T the temperature,
 p^T(z) = softmax(z / T), KL(p || q) = sum_c p_c (log p_c - log q_c), CE(z, y) = -log softmax(z)_y.
 """
 

@@ -1,7 +1,7 @@
 """The paper's tables as data: ``okdfast/paper_tables.yaml`` -> :class:`Catalog` of tables, schedules and sources.
 
 A table is a grid (rows x architectures on one data set) with, per cell, the reference numbers docs/METHOD.md gives
-and the source each comes from. A cell without one says why ("not in METHOD.md"). A row is a method, or a variant:
+and the source each comes from. A cell without one says why ("not in docs/METHOD.md"). A row is a method, or a variant:
 a method with other flags (an ablation such as MDE without its FFM), defined once under ``variants``. A table may
 name the data file it trains on (``data_file``: a partial or lossy set is never mistaken for the official one).
 Nothing here runs anything.
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "paper_tables.yaml"
-NOT_IN_METHOD = "not in METHOD.md"
+NOT_IN_METHOD = "not in docs/METHOD.md"
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Reference:
     cite: str  # the source written out
     branch_mean: float | None = None
     ensemble: float | None = None
-    value: float | None = None  # METHOD.md does not say whether branch mean or ensemble
+    value: float | None = None  # docs/METHOD.md does not say whether branch mean or ensemble
     std: float | None = None
 
     def text(self) -> str:
