@@ -434,6 +434,10 @@ def readme_block(
         f"<!-- table:{key} -->",
         f"### {table.title}; schedule `{schedule.name}`",
         "",
+    ]
+    labels = data_labels(results)
+    lines += [f"Data: **{label}**  " for label in labels] + ([""] if labels else [])
+    lines += [
         markdown_table(table_rows(table, results, catalog, base, source_numbers)),
         "",
     ]
