@@ -338,8 +338,8 @@ _HELP = {
     "detach_leader_target": "mde: detach the auxiliaries' mean that distils into the leader, so L_kl2 trains the "
     "leader only (our reading); --no-detach-leader-target lets it train the auxiliaries too, as OKDDip's code does",
     "label_smoothing": "label smoothing eps of every cross-entropy, in [0, 1]",
-    "fused_loss": "the online-KD / CD losses: auto (fused Triton op on CUDA) | on (the op, also on CPU) | off "
-    "(the reference in plain PyTorch)",
+    "fused_loss": "the online-KD loss: auto (the fused Triton op where it runs: CUDA) | on (the op; an error where "
+    "it cannot run) | off (the reference in plain PyTorch)",
     "device": "auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N",
     "amp": "mixed precision: off | bf16 | fp16 | auto (bare --amp = auto); default: auto on CUDA, off on CPU "
     "(auto on a CPU without native bf16 runs fp32: bf16 is several times slower there)",

@@ -222,6 +222,8 @@ def _base_label(c: dict[str, Any]) -> str:
 
 
 def _short(value: Any) -> str:
+    if value is None:  # a config field left to the method's default (e.g. cd_weight)
+        return "default"
     if isinstance(value, list | tuple):
         return ",".join(_short(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)

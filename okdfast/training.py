@@ -17,6 +17,7 @@ from okdfast.checkpointing import RunState, checkpoint_payload
 from okdfast.config import TrainConfig
 from okdfast.epoch import best_of
 from okdfast.methods import Method, MethodConfig
+from okdfast.ops.dispatch import fused_enabled
 from okdfast.precision import amp_notes
 from okdfast.resume import Start
 from okdfast.run_folder import RunFolder, record_start
@@ -118,7 +119,8 @@ class Training:
             f"{config.method} | {config.arch} K={self.mcfg.num_branches} | {splits.name} ({splits.source}: "
             f"{len(splits.train)} train / {len(splits.test)} test) | {self.num_params / 1e6:.3f}M params | device "
             f"{self.device} | amp {amp} | channels-last {'on' if config.channels_last else 'off'} | compile "
-            f"{config.compile} | run folder {self.folder}"
+            f"{config.compile} | branches {config.branch_impl} | fused loss "
+            f"{'on' if fused_enabled(config.fused_loss, self.device) else 'off'} | run folder {self.folder}"
         ]
         lines += amp_notes(config.amp, self.device) + config.milestone_notes() + tail_notes(self.train_loader.plan)
         if start.resumed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,24 @@ def test_update_readme_needs_the_markers_and_keeps_other_tables(tmp_path):
     text = readme.read_text()
     assert text.startswith(f"head\n{README_START}\n## Results") and text.endswith(f"{README_END}\ntail\n")
     assert "BLOCK_A1" not in text and text.index("BLOCK_A2") < text.index("BLOCK_B") and "old" not in text
+
+
+def test_the_committed_cifar10_small_table_is_what_its_run_folders_give(tmp_path):
+    """The table in benchmarks/results and the README is regenerated, unchanged, from the committed run folders."""
+    committed = REPO / "benchmarks" / "results" / "cifar10-small"
+    if not (committed / "results.csv").is_file():
+        pytest.skip("no committed cifar10-small results")
+    copy = tmp_path / "cifar10-small"
+    shutil.copytree(committed, copy)
+    assert main(["--table", "cifar10-small", "--report-only", "--no-plots", "--out", str(copy)]) == 0
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        with path.open() as handle:
+            return [{k: v for k, v in row.items() if k != "run_dirs"} for row in csv.DictReader(handle)]
+
+    assert rows(copy / "results.csv") == rows(committed / "results.csv")
+    assert all(row["seeds_finished"] == "3" for row in rows(committed / "results.csv"))
+    readme = (REPO / "README.md").read_text()
+    for row in rows(committed / "results.csv"):
+        cell = f"{float(row['err_branch_mean']):.2f} ± {float(row['err_branch_mean_std']):.2f}"
+        assert cell in readme, (row["method"], cell)

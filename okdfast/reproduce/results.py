@@ -361,7 +361,10 @@ def results_csv_rows(table: Table, schedule: Schedule, results: list[CellResult]
         ens_mean, ens_std = result.stats("acc_ensemble")
         head_mean, head_std = result.stats(head) if head else (None, None)
         best_mean, best_std, best_epochs = result.best_stats("acc_branch_mean")
-        branches = {r.run.config.branches for r in result.finished} or {result.planned[0].config.branches}
+        # the K each run trained with (its config.yaml resolves the method's default); the plan's when none finished
+        branches = {_stored_config(r.run).get("branches") for r in result.finished} or {
+            result.planned[0].config.branches
+        }
         rows.append(
             {
                 "table": table.name,
