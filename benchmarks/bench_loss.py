@@ -19,7 +19,8 @@ Every call gets ``kd_weight`` as a one-element device tensor, as the training lo
 Implementations (``--impls``): ``reference`` (eager ``okdfast.ops.reference.online_kd_reference``), ``compiled``
 (``torch.compile(reference, fullgraph=True, dynamic=False)``), ``fused`` (the Triton op, what an eager step
 runs; no host sync, as in training) and ``fused-compiled`` (the op inside torch.compile, what a ``--compile`` step
-runs). The CPU runs ``reference`` and ``compiled`` only: there the op is the reference. Every implementation is
+runs). The CPU runs ``reference``, ``op`` (the public op as a user calls it: its input checks, then the reference
+under autograd, the CPU path) and ``compiled``. Every implementation is
 validated against the eager reference (loss and every gradient) before it is timed.
 
 Phases: ``fwd+bwd`` is the headline (``headline`` column): the loss and the gradients of every input that is
@@ -87,7 +88,7 @@ PRESETS = {  # gpu_suite.sh's kernels stage: the headline shapes for every form 
 PHASES = ("fwd+bwd", "fwd", "bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["reference", "compiled", "fused", "fused-compiled"]
-CPU_IMPLS = ["reference", "compiled"]
+CPU_IMPLS = ["reference", "op", "compiled"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,15 +169,18 @@ def loss_fns(options: OnlineKDOptions) -> dict[str, Any]:
     def fused(logits, target, teacher, weights, kd_weight):
         return online_kd(logits, target, teacher, weights, options, kd_weight, kernel=True)[0]
 
-    return {"reference": reference, "fused": fused}
+    def op(logits, target, teacher, weights, kd_weight):  # the public op as a user calls it: checks, then dispatch
+        return online_kd(logits, target, teacher, weights, options, kd_weight)[0]
+
+    return {"reference": reference, "fused": fused, "op": op}
 
 
 def make_impl(impl: str, options: OnlineKDOptions, backend: str):
     fns = loss_fns(options)
     if impl == "reference":
         return fns["reference"]
-    if impl == "fused":
-        return fns["fused"]
+    if impl in ("fused", "op"):
+        return fns[impl]
     # a fresh torch.compile per (form, dtype, shape): dynamic=False specialises each shape, as a training run does
     base = fns["reference"] if impl == "compiled" else fns["fused"]
     return torch.compile(base, fullgraph=True, dynamic=False, backend=backend)
@@ -428,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", default=None, help="BxKxC shapes, e.g. 128x4x100 4096x4x32768")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=None, help="default: mean explicit one mde")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS, default=None)
+    parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS + ["op"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="default: all three")

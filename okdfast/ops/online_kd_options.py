@@ -200,6 +200,11 @@ def validate_online_kd_inputs(
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Every label in [0, C) or ignore_index (reads the labels: a host sync on CUDA)."""
+    if target.numel() == 0:
+        return
+    low, high = torch.aminmax(target)  # one pass: the common case, every label a class id, ends here
+    if int(low) >= 0 and int(high) < num_classes:
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
