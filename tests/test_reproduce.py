@@ -221,6 +221,7 @@ def test_variants_are_rows_of_a_method_with_other_flags(tmp_path):
     assert by_row["mde-ffm-off"].config.method == "mde" and by_row["mde-ffm-off"].config.ffm == "off"
     assert by_row["mde-no-cd"].config.cd_weight == 0.0 and by_row["mde"].config.cd_weight is None
     assert all(run.config.data_dir == str(data / "cifar10-exact-subset.npz") for run in runs)
+    assert all(run.argv.count("--data-dir") == 1 for run in runs)  # the table's file replaces the folder given
     assert by_row["mde-no-cd"].run_dir.name.startswith("mde-no-cd_")
 
 

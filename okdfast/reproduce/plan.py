@@ -157,9 +157,13 @@ def build_plan(
         if unknown:
             raise ValueError(f"--{kind} {','.join(unknown)}: not in table {table.name} ({', '.join(grid)})")
     cells = [c for c in table.cells if (methods is None or c.method in methods) and (archs is None or c.arch in archs)]
-    common = values_to_argv(schedule.train) + values_to_argv(table.train) + extra_args
-    if table.data_file is not None:
-        common += ["--data-dir", str(table_data_path(table, extra_args))]
+    passed_on = extra_args
+    if table.data_file is not None:  # the table's file, found in the given --data-dir, replaces that flag
+        data_path = table_data_path(table, extra_args)
+        flag_at = {i for i, a in enumerate(extra_args[:-1]) if a == "--data-dir"}
+        passed_on = [a for i, a in enumerate(extra_args) if i not in flag_at and i - 1 not in flag_at]
+        passed_on += ["--data-dir", str(data_path)]
+    common = values_to_argv(schedule.train) + values_to_argv(table.train) + passed_on
     runs: list[PlannedRun] = []
     for seed in seeds:
         for cell in cells:
