@@ -8,8 +8,8 @@ When Triton runs (``use_triton``):
   friends, is decorated at import), so it must be in the environment before anything in the process imports
   triton; setting it later leaves compiled-mode kernels that cannot run on CPU tensors (the launchers then raise).
 
-``MethodConfig.fused_loss`` / ``--fused-loss`` (``fused_enabled``): 'on' always uses the op (on the CPU its PyTorch
-path), 'off' never (the reference), 'auto' uses it where the Triton kernel runs.
+``MethodConfig.fused_loss`` / ``--fused-loss`` (``fused_enabled``): 'on' always asks for the kernels (the op raises
+where they cannot run), 'off' never (the reference), 'auto' uses them where the Triton kernel runs.
 
 The fused ops are once-differentiable: their backward is a kernel, so differentiating it again (double backward)
 raises a clear error instead of silently returning wrong second derivatives (:func:`check_once_differentiable`).

@@ -236,6 +236,12 @@ def data_labels(results: list[CellResult]) -> list[str]:
     return sorted(labels)
 
 
+def data_lines(results: list[CellResult]) -> list[str]:
+    """The "Data:" lines of a table (each data set its runs trained on), then a blank line; [] when none is known."""
+    labels = data_labels(results)
+    return [f"Data: **{label}**  " for label in labels] + ([""] if labels else [])
+
+
 def last_vs_best_text(result: CellResult) -> str:
     if not result.finished:
         return "—"
@@ -331,9 +337,8 @@ def results_markdown(
         "picked on the test set). 'okdfast head': the method's own model (ONE's gate, OKDDip's and MDE's leader).",
         "",
     ]
-    lines += [f"Data: **{label}**  " for label in data_labels(results)]
+    lines += data_lines(results)
     lines += [
-        "",
         f"Schedule **{schedule.name}**: {schedule.description}",
         "",
         markdown_table(table_rows(table, results, catalog, base, source_numbers)),
@@ -438,8 +443,7 @@ def readme_block(
         f"### {table.title}; schedule `{schedule.name}`",
         "",
     ]
-    labels = data_labels(results)
-    lines += [f"Data: **{label}**  " for label in labels] + ([""] if labels else [])
+    lines += data_lines(results)
     lines += [
         markdown_table(table_rows(table, results, catalog, base, source_numbers)),
         "",
