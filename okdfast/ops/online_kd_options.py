@@ -20,6 +20,23 @@ KD_MODES = ("ensemble", "peer")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# The temperatures at which the float32 loss is right to float rounding (docs/METHOD.md section 2): above the upper
+# bound T^2 KL is a difference of nearly equal float32 logs multiplied by T^2 (at T = 1000 rows were off by 1%);
+# below the lower one z / T overflows for ordinary logits. The one home of the bound: the config, the method and the
+# op all check against it.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def temperature_error(value: object, name: str = "temperature") -> str | None:
+    """The one-line complaint about a temperature, or None when it is a number inside TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        return (
+            f"{name}={value!r}: must be a number in [{low:g}, {high:g}] (outside it the float32 KL loses its "
+            "precision or overflows; T = 1 is the plain softmax)"
+        )
+    return None
+
 
 @dataclass(frozen=True)
 class OnlineKDOptions:
