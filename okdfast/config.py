@@ -54,9 +54,12 @@ class TrainConfig:
     alpha: float = 1.0
     rampup_epochs: float | None = None  # L of w(e); None: 80 epochs per 300 (scaled to --epochs)
     detach_teacher: bool | None = None  # None: each method's reference-code default
-    cd_weight: float | None = None  # lambda_CD of mde; None: the --cd-form's default (frobenius 5e-8)
-    cd_form: str = "frobenius"  # frobenius | abscos | cos2: the CD loss of mde (docs/METHOD.md section 3)
+    cd_weight: float | None = None  # lambda_CD of mde; None: the --cd-form's default (methods/mde.py)
+    cd_form: str = "nontarget_corr"  # nontarget_corr | frobenius | abscos | cos2: mde's CD (docs/METHOD.md section 3)
     ffm: str = "on"  # on | off: mde's FFM target (off: the mean of the auxiliary branches, an ablation)
+    ffm_input: str = "sum"  # sum | concat | sum+logits | concat+logits | logits: what mde's FFM reads
+    ffm_temperature: float = 1.0  # tau of mde's FFM attention softmax
+    ffm_targets: str = "shared"  # shared | per-aux: one FFM target for all auxiliaries, or one each
     target_ce: float = 1.0  # weight of CE(target, y) in mde's loss (0 drops the term)
     detach_leader_target: bool = True  # mde: L_kl2 trains the leader only (off: also the auxiliaries, as OKDDip's code)
     label_smoothing: float = 0.0
@@ -151,9 +154,15 @@ class TrainConfig:
         at_least("cd_weight", 0, " (0 turns the CD loss off)")
         if self.branches is not None and not 1 <= self.branches <= 8:
             bad("branches", self.branches, "K must be between 2 and 8 (1 only for --method baseline)")
-        for name in ("lr", "temperature", "lr_gamma"):
+        for name in ("lr", "lr_gamma"):
             if not getattr(self, name) > 0:
                 bad(name, getattr(self, name), "must be > 0")
+        from okdfast.ops.online_kd_options import temperature_error
+
+        for name in ("temperature", "ffm_temperature"):
+            message = temperature_error(getattr(self, name), "--" + name.replace("_", "-"))
+            if message:
+                raise ConfigError(message)
         if not 0 <= self.momentum < 1:
             bad("momentum", self.momentum, "must be in [0, 1)")
         if not 0 <= self.label_smoothing <= 1:
@@ -163,6 +172,9 @@ class TrainConfig:
                 bad("milestones", self.milestones, "each is a fraction of --epochs in (0, 1) or an epoch number >= 1")
         if list(self.milestones) != sorted(set(self.milestones)):
             bad("milestones", self.milestones, "must increase (each one multiplies lr by --lr-gamma once)")
+        from okdfast.methods.base import FFM_TARGETS
+        from okdfast.models.ffm import FFM_INPUTS
+
         choices = {
             "amp": (None, "off", "bf16", "fp16", "auto"),
             "compile": (None, "off", "default", "max-autotune", "reduce-overhead"),
@@ -170,6 +182,8 @@ class TrainConfig:
             "branch_impl": ("auto", "loop", "grouped"),
             "fused_loss": ("auto", "on", "off"),
             "ffm": ("on", "off"),
+            "ffm_input": FFM_INPUTS,
+            "ffm_targets": FFM_TARGETS,
             "lr_schedule": ("step", "cosine"),
             "progress": ("auto", "on", "off"),
         }
@@ -185,7 +199,7 @@ class TrainConfig:
         if not self.best_metric.startswith("acc_"):
             bad("best_metric", self.best_metric, "best.pt keeps the epoch of the highest test accuracy: use "
                 "acc_branch_mean (default), acc_ensemble or another acc_* metric of the method")  # fmt: skip
-        from okdfast.ops.classifier_diversity import CD_FORMS
+        from okdfast.methods.base import CD_FORMS
 
         if self.cd_form not in CD_FORMS:
             bad("cd_form", self.cd_form, f"use {', '.join(CD_FORMS)}")
@@ -330,9 +344,15 @@ _HELP = {
     "alpha": "weight of the KD terms after the ramp-up (0 turns distillation off)",
     "rampup_epochs": "length L of the KD ramp-up w(e); default 80 per 300 epochs",
     "detach_teacher": "stop the gradient into KD targets (default: each method's reference-code choice)",
-    "cd_weight": "lambda_CD, the weight of mde's CD loss (default: the --cd-form's, frobenius 5e-8; 0 turns it off)",
-    "cd_form": "mde's Classifier Diversification loss over pairs of auxiliary classifiers: frobenius "
-    "(sum ||W_i^T W_j||_F) | abscos (mean |cos|) | cos2 (mean cos^2); docs/METHOD.md section 3",
+    "cd_weight": "lambda_CD, the weight of mde's CD loss (default: the --cd-form's, okdfast/methods/mde.py; 0 turns "
+    "it off)",
+    "cd_form": "mde's Classifier Diversification loss over pairs of auxiliary branches: nontarget_corr (per sample: "
+    "the correlation of their tempered non-target probabilities) | frobenius (sum ||W_i^T W_j||_F of the classifier "
+    "weights) | abscos (mean |cos|) | cos2 (mean cos^2); docs/METHOD.md section 3",
+    "ffm_input": "what mde's FFM reads: sum | concat of the auxiliaries' pooled features, +logits (their logits, "
+    "detached), or logits alone",
+    "ffm_temperature": "temperature tau of mde's FFM attention softmax (a = softmax(e / tau))",
+    "ffm_targets": "mde's FFM targets: shared (one target for every auxiliary) | per-aux (one each, (B, K-1, K-1))",
     "ffm": "mde's Feature Fusion Module: on (attention target) | off (target = mean of the auxiliary branches)",
     "target_ce": "weight of CE(target, y), the FFM target's own cross-entropy in mde's loss",
     "detach_leader_target": "mde: detach the auxiliaries' mean that distils into the leader, so L_kl2 trains the "

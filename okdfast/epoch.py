@@ -82,14 +82,57 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     host_sums = {name: float(value) for name, value in sums.items()}
     host_sums["steps"] = float(steps_done_here)
+    if steps_done_here:
+        host_sums |= {f"probe_{k}": v for k, v in gradient_probe(step.method, images, target, kd_weight_t).items()}
     return host_sums, images_seen, seconds, interrupted
+
+
+def gradient_probe(method: Method, images: torch.Tensor, target: torch.Tensor, kd_weight: torch.Tensor) -> dict:
+    """cd_grad_ratio: ||d(lambda CD)/dW|| / ||d(task loss)/dW|| on the auxiliary classifiers' weights W, from one
+    eval-mode forward of the epoch's last batch (no statistics updated, nothing stepped); {} without a CD term."""
+    cd_loss = getattr(method, "cd_loss", None)
+    if cd_loss is None:
+        return {}
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.enable_grad():
+            output = method(images)
+            cd = cd_loss(output, target)
+            if cd is None:
+                return {}
+            total = method.loss(output, target, kd_weight).total
+            params = classifier_parameters(method)
+            grad_total = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+            grad_cd = torch.autograd.grad(cd, params, allow_unused=True)
+    finally:
+        method.train(was_training)
+    chosen = method.diversified_classifiers()
+    square_cd, square_task = 0.0, 0.0
+    for g_total, g_cd in zip(grad_total, grad_cd):
+        g_total = torch.zeros(()) if g_total is None else g_total.float()
+        g_cd = torch.zeros(()) if g_cd is None else g_cd.float()
+        if method.net.branch_impl == "grouped":  # one (K, C, D) tensor: the auxiliaries' slice
+            g_total, g_cd = g_total[chosen], g_cd[chosen] if g_cd.dim() else g_cd
+        square_cd += float(g_cd.square().sum())
+        square_task += float((g_total - g_cd).square().sum())
+    return {"cd_grad_ratio": (square_cd / square_task) ** 0.5 if square_task > 0 else float("nan")}
+
+
+def classifier_parameters(method: Method) -> list[torch.Tensor]:
+    """The classifier weight parameters of the auxiliary branches (one grouped tensor, or one per branch)."""
+    net = method.net
+    if net.branch_impl == "grouped":
+        return [net.branches.classifier.weight]
+    return [branch.classifier.weight for branch in net.branches[method.diversified_classifiers()]]
 
 
 def merge_sums(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
     """Sums of two parts of an epoch, in a fixed order (the first part's, then new names as they came): the log and
     metrics.csv list the loss terms in the same order in every process."""
     names = list(previous) + [name for name in new if name not in previous]
-    return {name: previous.get(name, 0.0) + new.get(name, 0.0) for name in names}
+    merged = {name: previous.get(name, 0.0) + new.get(name, 0.0) for name in names}
+    return merged | {name: value for name, value in new.items() if name.startswith("probe_")}  # the latest probe
 
 
 def epoch_row(
@@ -102,11 +145,18 @@ def epoch_row(
     seconds: float,
     test_metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """The epoch's metrics row (metrics.jsonl / metrics.csv): the schedule, the mean loss terms, the speed, the
-    test metrics; ``partial`` when the epoch was cut short."""
+    """The epoch's metrics row (metrics.jsonl / metrics.csv): the schedule, the mean loss terms, each weighted
+    term's share of the loss (share_<term>: its weighted sum over the summed weighted terms), the gradient probe
+    (cd_grad_ratio), the speed, the test metrics; ``partial`` when the epoch was cut short."""
+    sums = dict(sums)
     steps = max(sums.pop("steps", 0.0), 1.0)
+    probes = {name[len("probe_") :]: sums.pop(name) for name in list(sums) if name.startswith("probe_")}
+    parts = {name[len("part_") :]: sums.pop(name) for name in list(sums) if name.startswith("part_")}
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "kd_weight": kd_weight, "partial": not epoch_done}
     row |= {f"train_{name}": value / steps for name, value in sums.items()}
+    total = sum(parts.values())
+    row |= {f"share_{name}": value / total if total else float("nan") for name, value in parts.items()}
+    row |= probes
     row |= {"images_per_sec": images / max(seconds, 1e-9), "epoch_seconds": seconds}
     return row | test_metrics
 
@@ -125,6 +175,8 @@ def format_row(row: dict[str, Any], method: Method) -> str:
     """The epoch's log line: the loss terms, the branch mean, the ensemble, the method's head, speed."""
     parts = [f"epoch {row['epoch']:3d}", f"lr {row['lr']:.4g}", f"loss {row.get('train_loss', float('nan')):.4f}"]
     parts += [f"{k[6:]} {row[k]:.4f}" for k in row if k.startswith("train_") and k != "train_loss"]
+    if "share_cd" in row:
+        parts.append(f"cd share {100 * row['share_cd']:.2f}%")
     parts += [f"branch-mean {row['acc_branch_mean']:.2f}%"]
     if "acc_ensemble" in row:
         parts.append(f"ensemble {row['acc_ensemble']:.2f}%")

@@ -8,7 +8,7 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.errors import ConfigError
-from okdfast.evaluation import metrics_from_sums
+from okdfast.evaluation import batch_sums, metrics_from_sums
 from okdfast.methods import Method
 
 
@@ -35,11 +35,12 @@ def metric_names(method: Method, device: torch.device) -> list[str]:
     blank images: no RNG drawn, no statistics updated)."""
     was_training = method.training
     method.eval()
-    heads = method.heads(method(torch.zeros(2, 3, 32, 32, device=device)))
+    output = method(torch.zeros(2, 3, 32, 32, device=device))
+    heads = method.heads(output)
     method.train(was_training)
-    k = method.config.num_branches
-    sums = torch.ones(1 + k + 1 + len(heads) + 3, dtype=torch.float64)
-    return list(metrics_from_sums(sums, k, list(heads), method.aux_branches))
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    sums = {name: 1.0 for name in batch_sums(method, output.logits, heads, labels, output.attention)}
+    return list(metrics_from_sums(sums, method.config.num_branches, list(heads), method.aux_branches))
 
 
 def check_best_metric(config: TrainConfig, method: Method, device: torch.device) -> None:

@@ -34,6 +34,7 @@ from okdfast.evaluation import evaluate
 from okdfast.methods import list_methods, sigmoid_rampup
 from okdfast.models import list_models
 from okdfast.precision import resolve_amp
+from okdfast.predictions import write_predictions
 from okdfast.progress import EpochProgress
 from okdfast.resume import Start, plan_start
 from okdfast.run_checks import check_for_device
@@ -193,9 +194,17 @@ def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool
                 )
                 return last_metrics, True
         autocast = torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype is not None else None
+        predictions: list = []
         test_metrics = evaluate(
-            t.method, t.test_loader, t.device, autocast=autocast, channels_last=config.channels_last
+            t.method,
+            t.test_loader,
+            t.device,
+            autocast=autocast,
+            channels_last=config.channels_last,
+            predictions=predictions,
         )
+        if t.dist_info.is_main and t.dist_info.world_size == 1:  # per-image predictions (okdfast/predictions.py)
+            write_predictions(t.folder.path, epoch, predictions)
         last_metrics = epoch_row(epoch, lr, kd_weight, epoch_done, sums, images, seconds, test_metrics)
         log_epoch(t, last_metrics)
         if epoch_done:

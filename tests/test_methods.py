@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from okdfast.methods import MethodConfig, MethodOutput, create_method, list_methods, sigmoid_rampup
 from okdfast.methods.cl_ilr import mean_of_others_weights
-from okdfast.ops.reference import classifier_diversity_reference
+from okdfast.methods.mde import CD_DEFAULT_WEIGHTS
+from okdfast.models.ffm import FFM_INPUTS
+from okdfast.ops.reference import classifier_diversity_reference, mde_teacher_weights
 
 T = 3.0
 
@@ -140,7 +142,9 @@ def test_mde_layout():
     assert method.ffm.fc2.out_features == 3 and method.ffm.fc1.in_features == method.net.feature_channels
     out = method(torch.randn(5, 3, 32, 32))
     assert out.attention.shape == (5, 3) and torch.allclose(out.attention.sum(-1), torch.ones(5), atol=1e-6)
-    w = out.teacher_weights
+    assert out.attention_logits.shape == (5, 3)
+    torch.testing.assert_close(out.attention, torch.softmax(out.attention_logits, -1))
+    w = mde_teacher_weights(out.attention, 4)
     assert torch.allclose(w[:, :3, :3], out.attention.unsqueeze(1).expand(5, 3, 3))  # one target for every aux
     assert torch.equal(w[:, :, 3], torch.zeros(5, 4)) and torch.allclose(w[:, 3, :3], torch.full((5, 3), 1 / 3))
     heads = method.heads(out)
@@ -153,11 +157,11 @@ def test_mde_layout():
 
 def test_mde_loss_term_by_term():
     """Every term of MDE's loss on a toy batch, composed by hand from torch.nn.functional."""
-    method = mde(cd_weight=0.3, target_ce=0.7)
+    method = mde(cd_weight=0.3, target_ce=0.7, cd_form="frobenius")
     torch.manual_seed(1)
     logits, target = torch.randn(6, 4, 10), torch.randint(0, 10, (6,))
     a = torch.softmax(torch.randn(6, 3), -1)
-    out = MethodOutput(logits, teacher_weights=method.teacher_weights(a.unsqueeze(1)), attention=a)
+    out = MethodOutput(logits, attention=a, attention_logits=a.log())
     result = method.loss(out, target, kd_weight=torch.tensor(0.4))
     aux, leader = logits[:, :3], logits[:, 3]
     goal = torch.einsum("bi,bic->bc", a, aux)  # the FFM target
@@ -176,10 +180,57 @@ def test_mde_loss_term_by_term():
     assert result.total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("form", ["frobenius", "abscos", "cos2"])
+def nontarget_corr_by_hand(aux, target, temperature):
+    """The prediction-space CD of one sample at a time, written out: Pearson correlations of the non-target
+    probabilities of every pair of auxiliaries, averaged over the pairs."""
+    rows = []
+    for b in range(aux.shape[0]):
+        p = torch.softmax(aux[b] / temperature, -1)
+        keep = [c for c in range(aux.shape[-1]) if c != int(target[b])]
+        r = p[:, keep] - p[:, keep].mean(-1, keepdim=True)
+        pairs = [(i, j) for i in range(aux.shape[1]) for j in range(i + 1, aux.shape[1])]
+        rows.append(sum(F.cosine_similarity(r[i], r[j], dim=0) for i, j in pairs) / len(pairs))
+    return torch.stack(rows)
+
+
+def test_mde_prediction_space_cd_by_hand():
+    """The default CD form: lambda * the mean over samples of the auxiliaries' non-target correlation; the leader
+    is not in it and gets none of its gradient; it is logged as aux_corr whatever the form."""
+    method = mde(cd_weight=0.3, target_ce=0.0)
+    torch.manual_seed(7)
+    logits = torch.randn(6, 4, 10, requires_grad=True)
+    target = torch.randint(0, 10, (6,))
+    out = MethodOutput(logits, attention=torch.full((6, 3), 1 / 3), attention_logits=torch.zeros(6, 3))
+    result = method.loss(out, target, kd_weight=0.0)
+    hand = nontarget_corr_by_hand(logits[:, :3], target, 3.0).mean()
+    assert result.terms["cd"].item() == pytest.approx(hand.item(), rel=1e-5)
+    assert result.terms["aux_corr"].item() == pytest.approx(hand.item(), rel=1e-5)
+    ce = sum(F.cross_entropy(logits[:, k], target) for k in range(4))
+    assert result.total.item() == pytest.approx((ce + 0.3 * hand).item(), rel=1e-5)
+    (grad,) = torch.autograd.grad(result.total - ce, logits)
+    assert grad[:, 3].abs().max() == 0 and grad[:, :3].abs().max() > 0
+    assert torch.equal(grad[torch.arange(6), 0, target], torch.zeros(6))  # the label's class is left out
+
+
+def test_mde_ffm_variants_shapes_and_per_auxiliary_targets():
+    for inputs in FFM_INPUTS:
+        method = mde(ffm_input=inputs, ffm_targets="per-aux", ffm_temperature=0.5)
+        out = method(torch.randn(4, 3, 32, 32))
+        assert out.attention_logits.shape == (4, 3, 3), inputs
+        torch.testing.assert_close(out.attention, torch.softmax(out.attention_logits / 0.5, -1))
+        loss = method.loss(out, torch.randint(0, 10, (4,)), kd_weight=1.0).total
+        (grad,) = torch.autograd.grad(loss, method.ffm.fc2.weight)
+        assert grad.abs().max() > 0, inputs
+    assert mde(ffm_input="concat").ffm.fc1.in_features == 3 * 64
+    assert mde(ffm_input="sum+logits").ffm.fc1.in_features == 64 + 3 * 10
+
+
+@pytest.mark.parametrize("form", ["nontarget_corr", "frobenius", "abscos", "cos2"])
 def test_mde_cd_forms_and_default_weights(form):
     method = mde(cd_form=form)
-    assert method.config.resolved_cd_weight == {"frobenius": 5e-8, "abscos": 5e-8, "cos2": 1.0}[form]
+    assert method.cd_weight == CD_DEFAULT_WEIGHTS[form]
+    if form == "nontarget_corr":
+        return
     out = method(torch.randn(4, 3, 32, 32))
     cd = method.loss(out, torch.randint(0, 10, (4,)), kd_weight=0.0).terms["cd"]
     w = torch.stack([b.classifier.weight for b in method.net.branches[:3]])
@@ -202,7 +253,7 @@ def test_mde_gradient_routing():
     get none from L_kl2, and the FFM learns only through L_kl1 (and the target's CE)."""
     torch.manual_seed(2)
     images, target = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    method = mde(cd_weight=0.1)
+    method = mde(cd_weight=0.1, cd_form="frobenius")
     out = method(images)
     got = _grads(method, method.loss(out, target, kd_weight=1.0).total)
 

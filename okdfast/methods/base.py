@@ -12,26 +12,31 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from okdfast.models import MultiBranchNet
+from okdfast.models.ffm import FFM_INPUTS
 from okdfast.models.grouped import BRANCH_IMPLS
-from okdfast.ops.classifier_diversity import CD_DEFAULT_WEIGHTS, CD_FORMS
 from okdfast.ops.dispatch import fused_enabled
 from okdfast.ops.online_kd import online_kd
-from okdfast.ops.online_kd_options import OnlineKDOptions
+from okdfast.ops.online_kd_options import OnlineKDOptions, temperature_error
+from okdfast.ops.reference import PREDICTION_CD_FORMS, WEIGHT_CD_FORMS
 
 
 class MethodOutput(NamedTuple):
     logits: Tensor  # (B, K, C) branch logits
     teacher_weights: Tensor | None = None  # W over the branches: (B, K) shared, (B, K, K) | (1, K, K) per branch
-    attention: Tensor | None = None  # (B, K') weights of the method's attention (gate / FFM), for logging
+    attention: Tensor | None = None  # (B, K') | (B, R, K') weights of the method's attention (gate / FFM / peers)
+    attention_logits: Tensor | None = None  # MDE: the FFM's logits before its softmax, (B, K-1) | (B, K-1, K-1)
 
 
 class LossTerms(NamedTuple):
     total: Tensor  # the scalar that is back-propagated
     terms: dict[str, Tensor]  # detached scalars for logging: 'ce', 'kd', 'teacher_ce', 'cd', ...
+
+
+CD_FORMS = PREDICTION_CD_FORMS + WEIGHT_CD_FORMS  # MDE's --cd-form choices (docs/METHOD.md section 3)
+FFM_TARGETS = ("shared", "per-aux")
 
 
 @dataclass
@@ -43,9 +48,12 @@ class MethodConfig:
     alpha: float = 1.0  # weight of the KD terms after ramp-up
     rampup_epochs: float = 80.0  # L of the sigmoid ramp-up w(e)
     detach_teacher: bool | None = None  # None: the method's reference-code default
-    cd_weight: float | None = None  # lambda_CD of MDE; None: the form's default (CD_DEFAULT_WEIGHTS)
-    cd_form: str = "frobenius"  # MDE's CD loss: frobenius | abscos | cos2
+    cd_weight: float | None = None  # lambda_CD of MDE; None: the form's default (methods/mde.py CD_DEFAULT_WEIGHTS)
+    cd_form: str = "nontarget_corr"  # MDE's CD loss: nontarget_corr (per sample) | frobenius | abscos | cos2
     ffm: bool = True  # MDE: the FFM target (False: the mean of the auxiliary branches)
+    ffm_input: str = "sum"  # MDE: what the FFM reads (models/ffm.py FFM_INPUTS)
+    ffm_temperature: float = 1.0  # MDE: tau of the FFM's attention softmax
+    ffm_targets: str = "shared"  # MDE: one target for all auxiliaries (shared) or one each (per-aux)
     target_ce: float = 1.0  # MDE: weight of CE(target, y)
     detach_leader_target: bool = True  # MDE: L_kl2 trains the leader only (False: the auxiliaries too, as OKDDip)
     label_smoothing: float = 0.0
@@ -55,8 +63,10 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_branches <= 8:
             raise ValueError(f"num_branches={self.num_branches}: use 2..8 branches (1 only for 'baseline')")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature}: must be > 0")
+        for name in ("temperature", "ffm_temperature"):
+            message = temperature_error(getattr(self, name), name)
+            if message:
+                raise ValueError(message)
         if self.rampup_epochs < 0:
             raise ValueError(f"rampup_epochs={self.rampup_epochs}: must be >= 0")
         if self.fused_loss not in ("auto", "on", "off"):
@@ -65,15 +75,14 @@ class MethodConfig:
             raise ValueError(f"branch_impl={self.branch_impl!r}: use one of {', '.join(BRANCH_IMPLS)}")
         if self.cd_form not in CD_FORMS:
             raise ValueError(f"cd_form={self.cd_form!r}: use one of {', '.join(CD_FORMS)}")
+        if self.ffm_input not in FFM_INPUTS:
+            raise ValueError(f"ffm_input={self.ffm_input!r}: use one of {', '.join(FFM_INPUTS)}")
+        if self.ffm_targets not in FFM_TARGETS:
+            raise ValueError(f"ffm_targets={self.ffm_targets!r}: use one of {', '.join(FFM_TARGETS)}")
         if self.cd_weight is not None and not self.cd_weight >= 0:
             raise ValueError(f"cd_weight={self.cd_weight}: must be >= 0")
         if not self.target_ce >= 0:
             raise ValueError(f"target_ce={self.target_ce}: must be >= 0")
-
-    @property
-    def resolved_cd_weight(self) -> float:
-        """lambda_CD: --cd-weight, or the default of --cd-form."""
-        return CD_DEFAULT_WEIGHTS[self.cd_form] if self.cd_weight is None else float(self.cd_weight)
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:
@@ -170,11 +179,12 @@ class Method(nn.Module):
         total, parts = online_kd(
             output.logits, target, None, output.teacher_weights, options, weight_tensor, kernel=kernel
         )
-        terms = {"ce": parts.ce}
+        terms = {"ce": parts.ce, "part_ce": parts.ce}
         if teacher_ce_weight != 0.0:
-            terms["teacher_ce"] = parts.teacher_ce
+            terms |= {"teacher_ce": parts.teacher_ce, "part_teacher_ce": teacher_ce_weight * parts.teacher_ce}
         if with_kd:
-            terms["kd"] = parts.kd
+            weight = kd_weight.detach().float().reshape(()) if weight_tensor is not None else float(kd_weight)
+            terms |= {"kd": parts.kd, "part_kd": weight * parts.kd}
         return total, terms
 
     @classmethod
@@ -190,6 +200,6 @@ class Method(nn.Module):
 
     layout_change: str = ""  # what the current layout_version changed, for the message above
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> MethodOutput:
-        return self(images)
+    def diversified_classifiers(self) -> slice:
+        """The branches whose classifiers the diagnostics compare (the auxiliaries of a two-level method)."""
+        return slice(0, self.aux_branches)

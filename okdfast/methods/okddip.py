@@ -50,7 +50,7 @@ class OKDDip(TwoLevelMethod):
     def forward(self, images: Tensor) -> MethodOutput:
         out = self.net(images)
         attention = self.attention(out.pooled[:, :-1])  # (B, P, P) from the peers' pooled features
-        return MethodOutput(out.logits, teacher_weights=self.teacher_weights(attention))
+        return MethodOutput(out.logits, teacher_weights=self.teacher_weights(attention), attention=attention)
 
     def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
         return LossTerms(*self.online_kd(output, target, kd_weight, detach_default=False))

@@ -7,6 +7,7 @@
 
 # The backbone modules register themselves on import.
 from okdfast.models import densenet, resnet, vgg, wide_resnet  # noqa: F401
+from okdfast.models.ffm import FFM_INPUTS, FeatureFusionModule
 from okdfast.models.multibranch import BranchOutput, MultiBranchNet, create_model
 from okdfast.models.parts import ArchParts, Branch, GlobalAvgPool, GlobalMaxPool, init_weights
 from okdfast.models.registry import create_arch, list_models, register_model
@@ -15,6 +16,8 @@ __all__ = [
     "ArchParts",
     "Branch",
     "BranchOutput",
+    "FFM_INPUTS",
+    "FeatureFusionModule",
     "GlobalAvgPool",
     "GlobalMaxPool",
     "MultiBranchNet",

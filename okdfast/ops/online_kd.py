@@ -134,7 +134,7 @@ def _backward(ctx, grad_loss, _grad_summary, _grad_stats):
 torch.library.register_autograd("okdfast::online_kd_fwd", _backward, setup_context=_setup_context)
 
 
-def _should_check_target_values(target: Tensor) -> bool:
+def should_check_target_values(target: Tensor) -> bool:
     if torch.compiler.is_compiling() or target.numel() == 0:
         return False
     if target.device.type == "cpu":
@@ -166,7 +166,7 @@ def online_kd(
     they run and the reference elsewhere; False the reference; True the kernels (an error where they cannot run).
     """
     validate_online_kd_inputs(logits, target, teacher, teacher_weights, kd_weight, options)
-    if _should_check_target_values(target):
+    if should_check_target_values(target):
         check_target_values(target, logits.shape[-1], options.ignore_index)
     if kd_weight is not None:
         kd_weight = kd_weight.detach().reshape(()).to(torch.float32)

@@ -166,19 +166,22 @@ def online_kd_reference(
     return loss, terms
 
 
-CD_FORMS = ("frobenius", "abscos", "cos2")
+WEIGHT_CD_FORMS = ("frobenius", "abscos", "cos2")  # on the auxiliary classifiers' weights (M, C, D)
+PREDICTION_CD_FORMS = ("nontarget_corr",)  # on the auxiliaries' outputs, per sample (in the MDE head op)
+CD_FORMS = WEIGHT_CD_FORMS  # the forms classifier_diversity_reference takes
 
 
 def classifier_diversity_reference(weights: Tensor, form: str = "frobenius", *, eps: float = 1e-8) -> Tensor:
-    """MDE's Classifier Diversification (CD) loss over every pair i < j of classifiers (docs/METHOD.md section 3).
+    """MDE's weight-space Classifier Diversification (CD) loss over the pairs i < j of classifiers (docs/METHOD.md
+    section 3).
 
     weights (M, C, D): the weight matrices W_i of M >= 2 classifiers (MDE: the K-1 auxiliary branches' FCs; the
-    leader's never enters). ``form``:
+    leader's never enters). P = M (M-1) / 2 pairs; ``form``:
 
-        frobenius   L = sum_{i<j} ||W_i^T W_j||_F                             (first third-party re-implementation;
-                                                                               asymmetric tri-training's term)
-        abscos      L = 2 / (M (M-1) C) sum_{i<j} sum_c |cos(w_ic, w_jc)|        (second re-implementation)
-        cos2        L = 2 / (M (M-1) C) sum_{i<j} sum_c cos(w_ic, w_jc)^2        (scale-free, in [0, 1])
+        frobenius   L = sum_{i<j} ||W_i^T W_j||_F                   (first third-party re-implementation; asymmetric
+                                                                     tri-training's term; not scale-free)
+        abscos      L = (1 / (P C)) sum_{i<j} sum_c |cos(w_ic, w_jc)|     (second re-implementation; in [0, 1])
+        cos2        L = (1 / (P C)) sum_{i<j} sum_c cos(w_ic, w_jc)^2     (scale-free, in [0, 1])
 
     w_ic is row c of W_i (class c's weight vector); cosines divide by max(norm, eps), as ``F.normalize`` does.
     Returns a float32 scalar (float64 for float64 weights).
@@ -193,3 +196,100 @@ def classifier_diversity_reference(weights: Tensor, form: str = "frobenius", *, 
     unit = F.normalize(w, dim=-1, eps=eps)
     cosine = (unit[first] * unit[second]).sum(dim=-1)  # (pairs, C)
     return cosine.abs().mean() if form == "abscos" else cosine.square().mean()
+
+
+def nontarget_correlation_rows(aux_logits: Tensor, target: Tensor, temperature: float, eps: float = 1e-8) -> Tensor:
+    """MDE's prediction-space CD term per sample: the mean over the pairs i < j of auxiliaries of the correlation of
+    their tempered non-target probabilities (docs/METHOD.md section 3, ``--cd-form nontarget_corr``).
+
+    aux_logits (B, M, C), M >= 2 and C >= 3; target (B,) valid class ids. For auxiliary i, p_i = softmax(z_i / T);
+    r_i is p_i without its label's class (C - 1 values), centred over those classes; v_i = r_i / max(||r_i||, eps);
+    the row's term is (1 / P) sum_{i<j} v_i . v_j, P = M (M-1) / 2: a Pearson correlation over the non-target classes,
+    in [-1, 1], scale-free (the same for p_i and for any multiple of it). Minimising it makes the auxiliaries disagree
+    about which wrong classes are likely (the "dark knowledge" that an ensemble averages), while the label's
+    probability, left out, stays the task's. Returns (B,) in the compute dtype.
+    """
+    z = upcast(aux_logits)
+    num_aux, num_classes = z.shape[1], z.shape[2]
+    p = torch.softmax(z / temperature, dim=-1)
+    keep = torch.ones_like(p, dtype=torch.bool).scatter(-1, target.view(-1, 1, 1).expand(-1, num_aux, 1), False)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    mean = torch.where(keep, p, zero).sum(-1, keepdim=True) / (num_classes - 1)
+    centred = torch.where(keep, p - mean, zero)
+    unit = centred / centred.norm(dim=-1, keepdim=True).clamp_min(eps)
+    first, second = torch.triu_indices(num_aux, num_aux, offset=1, device=z.device)
+    return (unit[:, first] * unit[:, second]).sum(-1).mean(-1)
+
+
+class MDEHeadRows(NamedTuple):
+    """Unweighted per-row terms of MDE's head, (B,) each (see :func:`mde_head_reference`)."""
+
+    ce: Tensor
+    target_ce: Tensor
+    kd: Tensor
+    cd: Tensor
+    valid: Tensor
+
+
+def mde_teacher_weights(attention: Tensor, num_branches: int) -> Tensor:
+    """MDE's two distillation levels as one (B, K, K) matrix of teacher weights over the branches: rows 0..K-2 are
+    the auxiliaries' targets [a_i, 0] (``attention`` (B, M) shared by every auxiliary, or (B, M, M) one row each),
+    row K-1 is the leader's target, the uniform mean of the M = K-1 auxiliaries."""
+    batch, num_aux = attention.shape[0], num_branches - 1
+    rows = attention.reshape(batch, -1, num_aux).expand(batch, num_aux, num_aux)
+    leader = torch.full((batch, 1, num_aux), 1.0 / num_aux, dtype=attention.dtype, device=attention.device)
+    return F.pad(torch.cat([rows, leader], dim=1), (0, 1))
+
+
+def mde_head_rows_reference(logits: Tensor, target: Tensor, attention_logits: Tensor, options) -> MDEHeadRows:
+    """The unweighted per-row terms of :func:`mde_head_reference` (``options``: an ``MDEHeadOptions``)."""
+    z = upcast(logits)
+    batch, num_branches, _ = z.shape
+    shared = attention_logits.dim() == 2 or attention_logits.shape[1] == 1
+    attention = torch.softmax(upcast(attention_logits).to(z.dtype) / options.attention_temperature, dim=-1)
+    weights = mde_teacher_weights(attention, num_branches)
+    leader = (num_branches - 1,) if options.detach_leader_target else None
+    detached = tuple(range(num_branches)) if options.detach_target else leader
+    kd_options = OnlineKDOptions(
+        temperature=options.temperature,
+        teacher_ce_weight=1.0,
+        teacher_ce_rows=(0,) if shared else tuple(range(num_branches - 1)),
+        detach_teacher=False,
+        detached_teacher_rows=detached,
+        label_smoothing=options.label_smoothing,
+        ignore_index=options.ignore_index,
+    )
+    rows = online_kd_rows_reference(z, target, None, weights, kd_options)
+    label = torch.where(rows.valid, target, torch.zeros_like(target))
+    cd = nontarget_correlation_rows(z[:, :-1], label, options.temperature)
+    target_ce = rows.teacher_ce if shared else rows.teacher_ce / (num_branches - 1)
+    return MDEHeadRows(rows.ce, target_ce, rows.kd, cd, rows.valid)
+
+
+def mde_head_reference(
+    logits: Tensor, target: Tensor, attention_logits: Tensor, options, kd_weight: Tensor | None = None
+):
+    """MDE's whole per-sample loss head (docs/METHOD.md section 3) and its logged terms. Per non-ignored row b, with
+    a = softmax(attention_logits / tau) over the M = K-1 auxiliaries, target_i = sum_j a_ij z_j (one shared row, or
+    one per auxiliary), the leader's target mean_i z_i:
+
+        L_b = sum_k CE_eps(z_bk, y_b) + target_ce_weight * mean_targets CE_eps(target_b, y_b)
+            + kd_weight * T^2 [sum_i KL(p^T(target_bi) || p^T(z_bi)) + KL(p^T(mean_i z_bi) || p^T(z_bL))]
+            + cd_weight * (1/P) sum_{i<j} corr(non-target p^T(z_bi), non-target p^T(z_bj))
+
+    ``detach_target``: no gradient into the first-level KL targets (the FFM then learns from CE(target) alone);
+    ``detach_leader_target``: none into the leader's target. ``kd_weight``: an optional one-element tensor that
+    multiplies ``options.kd_weight`` (a ramp-up on the device). Reduction and terms as in
+    :func:`online_kd_reference`; the cd term is reported even at cd_weight 0 (the diagnostic of an ablation).
+    """
+    from okdfast.ops.mde_head_options import MDEHeadTerms
+
+    rows = mde_head_rows_reference(logits, target, attention_logits, options)
+    total = rows.ce + options.target_ce_weight * rows.target_ce
+    weight = options.kd_weight if kd_weight is None else options.kd_weight * kd_weight.detach().reshape(())
+    total = total + weight * rows.kd
+    if options.cd_weight != 0.0:
+        total = total + options.cd_weight * rows.cd
+    loss = reduce_rows(total, rows.valid, options.reduction)
+    terms = MDEHeadTerms(*(reduce_rows(r.detach(), rows.valid, "mean") for r in rows[:4]))
+    return loss, terms
