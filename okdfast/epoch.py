@@ -70,7 +70,7 @@ def train_one_epoch(
         if state.global_step % config.nan_check_every == 0:
             guard.check()
         lr = float(step.optimizer.param_groups[0]["lr"])
-        progress.update(steps_done_here, total, lr, images_seen, time.perf_counter() - start)
+        progress.update(steps_done_here, total, lr, images_seen, time.perf_counter() - start, terms)
         if should_stop(stop, dist_info, state.global_step):
             interrupted = True
             break

@@ -35,7 +35,7 @@ from okdfast.methods import list_methods, sigmoid_rampup
 from okdfast.models import list_models
 from okdfast.precision import resolve_amp
 from okdfast.predictions import write_predictions
-from okdfast.progress import EpochProgress
+from okdfast.progress import RunProgress
 from okdfast.resume import Start, plan_start
 from okdfast.run_checks import check_for_device
 from okdfast.signals import StopRequested
@@ -80,9 +80,10 @@ def run(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]
     try:
         start = plan_start(config, explicit, writer=dist_info.is_main)
         training = set_up(start, dist_info, device)
+        progress = RunProgress.of(training)  # the ETA, each epoch's time, the last line; says where TensorBoard is
         with StopRequested() as stop:
-            last_metrics, interrupted = train_epochs(training, stop)
-        return finish(training, last_metrics, interrupted, stop)
+            last_metrics, interrupted = train_epochs(training, stop, progress)
+        return finish(training, last_metrics, interrupted, stop, progress)
     finally:
         cleanup_distributed()
 
@@ -151,7 +152,7 @@ def set_up(start: Start, dist_info: DistInfo, device: torch.device) -> Training:
     return training
 
 
-def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool]:
+def train_epochs(t: Training, stop: StopRequested, run_progress: RunProgress) -> tuple[dict[str, Any], bool]:
     """Epochs until the last one, a signal or --max-steps: (the last epoch's row, interrupted by a signal)."""
     config, state = t.config, t.state
     last_metrics: dict[str, Any] = {}
@@ -160,15 +161,7 @@ def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool
         t.train_loader.set_epoch(epoch)
         kd_weight = config.alpha * sigmoid_rampup(epoch, config.rampup_epochs)
         lr = float(t.optimizer.param_groups[0]["lr"])
-        progress = EpochProgress(
-            progress=config.progress,
-            log_every=config.log_every,
-            is_main=t.dist_info.is_main,
-            log=t.log,
-            epoch=epoch,
-            total=len(t.train_loader),
-            done=state.step_in_epoch,
-        )
+        progress = run_progress.epoch(epoch, state)
         sums, images, seconds, interrupted = train_one_epoch(
             t.step,
             t.train_loader,
@@ -181,6 +174,7 @@ def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool
             dist_info=t.dist_info,
             progress=progress,
         )
+        run_progress.end_training(sums, seconds)
         sums = merge_sums(state.partial_sums, sums)
         epoch_done = state.step_in_epoch >= len(t.train_loader)
         reached_max = config.max_steps is not None and state.global_step >= config.max_steps
@@ -206,7 +200,7 @@ def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool
         if t.dist_info.is_main and t.dist_info.world_size == 1:  # per-image predictions (okdfast/predictions.py)
             write_predictions(t.folder.path, epoch, predictions)
         last_metrics = epoch_row(epoch, lr, kd_weight, epoch_done, sums, images, seconds, test_metrics)
-        log_epoch(t, last_metrics)
+        log_epoch(t, last_metrics, run_progress)
         if epoch_done:
             end_epoch(t, test_metrics)
         if reached_max:
@@ -214,12 +208,12 @@ def train_epochs(t: Training, stop: StopRequested) -> tuple[dict[str, Any], bool
     return last_metrics, False
 
 
-def log_epoch(t: Training, row: dict[str, Any]) -> None:
+def log_epoch(t: Training, row: dict[str, Any], progress: RunProgress) -> None:
     if t.metrics_log is not None:
         t.metrics_log.append(row)
     if t.tensorboard is not None:
         t.tensorboard.log_epoch(row)
-    t.log(format_row(row, t.method))
+    t.log(f"{format_row(row, t.method)} | {progress.epoch_line(row['epoch'], t.state.global_step)}")
 
 
 def end_epoch(t: Training, test_metrics: dict[str, float]) -> None:
@@ -239,13 +233,15 @@ def end_epoch(t: Training, test_metrics: dict[str, float]) -> None:
     t.save(improved)
 
 
-def finish(t: Training, last_metrics: dict[str, Any], interrupted: bool, stop: StopRequested) -> dict[str, Any]:
-    """Write summary.json; a run stopped by a signal exits with 128 + its number (after its checkpoint)."""
+def finish(t: Training, last: dict[str, Any], interrupted: bool, stop: StopRequested, progress: RunProgress) -> dict:
+    """Write summary.json, log the last line (time taken, the reported head's best and last accuracy, where the
+    files are); a run stopped by a signal exits with 128 + its number (after its checkpoint)."""
     if t.tensorboard is not None:
         t.tensorboard.close()
-    summary = t.summary(last_metrics, interrupted)
+    summary = t.summary(last, interrupted)
     if t.dist_info.is_main:
         t.folder.write_summary(summary)
+    t.log(progress.end_line(summary))
     if interrupted and stop.signum is not None:
         raise SystemExit(128 + stop.signum)
     return summary

@@ -1,16 +1,22 @@
 """TensorBoard scalars of a run (``--tensorboard``), written beside the CSV/JSONL that are always written.
 
-One event file per run under ``RUN_DIR/tensorboard``; ``tensorboard --logdir runs`` shows every run. Every numeric
-column of the per-epoch row becomes a scalar at step = epoch, grouped by what it is:
+The per-epoch events of a run are in ``RUN_DIR/tensorboard``; ``tensorboard --logdir runs`` shows every run. Every
+numeric column of the per-epoch row becomes a scalar at step = epoch, grouped by what it is:
 
     train/<term>   the loss terms (train_loss, train_ce, train_kd, train_teacher_ce, train_cd, ...)
     test/<metric>  acc_branch_k, acc_branch_mean, acc_ensemble, acc_<head>, diversity_kl, disagreement, ce_ensemble
     opt/<name>     lr, kd_weight
     speed/<name>   images_per_sec, epoch_seconds
 
-A resumed run reopens the writer with ``purge_step`` = the first epoch it will redo, so TensorBoard drops the
-events of an epoch that was cut short and logged again. Only rank 0 writes (the caller creates no writer
-elsewhere). TensorBoard is optional: without it ``--tensorboard`` fails at start-up with a one-line install hint.
+The loss terms are also written per step, under ``RUN_DIR/tensorboard/steps`` (TensorBoard lists it as a run of its
+own, ``<run>/tensorboard/steps``): ``train_step/<term>`` at step = the global optimizer step, every
+``okdfast.progress.TENSORBOARD_EVERY`` steps, the mean over those steps (summed on the device: one host sync per
+point, none per step). Two event files, because TensorBoard's purge works on one step axis per file.
+
+A resumed run reopens the writers with ``purge_step`` = the first epoch (the first step) it will redo, so
+TensorBoard drops the events of an epoch that was cut short and logged again. Only rank 0 writes (the caller
+creates no writer elsewhere). TensorBoard is optional: without it ``--tensorboard`` fails at start-up with a
+one-line install hint.
 """
 
 from __future__ import annotations
@@ -50,8 +56,27 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:  # torch imports tensorboard lazily; a missing package surfaces here
             raise ImportError(INSTALL_HINT) from error
+        self._summary_writer = SummaryWriter
         self.log_dir = Path(run_dir) / "tensorboard"
         self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step or None)
+        self._steps: Any = None  # the per-step writer, opened at the first point
+
+    def where(self) -> str:
+        """The log line that says where the events go and how to look at them."""
+        runs = self.log_dir.parent.parent
+        return (
+            f"TensorBoard: per-epoch scalars in {self.log_dir}, per-step loss terms in {self.log_dir / 'steps'}; "
+            f"view with: tensorboard --logdir {runs} (then open http://localhost:6006)"
+        )
+
+    def log_steps(self, step: int, terms: dict[str, float], first_step: int = 0) -> None:
+        """The loss terms at optimizer step ``step`` (``train_step/<term>``); ``first_step``: the global step this
+        process started from (a resumed run drops the points a kill left after its checkpoint)."""
+        if self._steps is None:
+            purge = first_step + 1 if first_step > 0 else None
+            self._steps = self._summary_writer(log_dir=str(self.log_dir / "steps"), purge_step=purge)
+        for name, value in terms.items():
+            self._steps.add_scalar(f"train_step/{name}", float(value), global_step=step)
 
     def log_epoch(self, row: dict[str, Any]) -> list[str]:
         """Writes the row's scalars and flushes (one small write per epoch); returns the tags written."""
@@ -68,6 +93,8 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+        if self._steps is not None:
+            self._steps.close()
 
 
 def open_tensorboard(run_dir: str | Path, resume_epoch: int = 0) -> TensorBoardWriter:

@@ -1,0 +1,166 @@
+"""A new user's first hour (issue 23): how long a run will take and what it ended with, CIFAR fetched when it is
+missing, benchmarks that say when their numbers cannot be trusted, an install that imports.
+
+Training runs are tiny (synthetic, resnet8, a few dozen images, one thread)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from okdfast import progress
+from okdfast.config import parse_config
+from okdfast.progress import EpochProgress, RunClock, end_line, format_duration
+from okdfast.train import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthetic", "--arch", "resnet8", "--method", "one", "--subset", "40", "--batch-size", "10",
+        "--epochs", "2", "--eval-batch-size", "100", "--workers", "0", "--progress", "off", "--seed", "1",
+        "--device", "cpu"]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+class FakeClock:
+    """time.perf_counter for okdfast.progress, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    return clock
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 3: how long will it take, and what did it end with
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.4, "0 s"), (45, "45 s"), (200, "3 min 20 s"), (5 * 3600 + 12 * 60 + 7, "5 h 12 min"),
+     (2 * 86400 + 3 * 3600, "2 d 3 h")],
+)  # fmt: skip
+def test_durations_read_as_a_person_says_them(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_run_eta_from_the_measured_epoch_and_each_epochs_wall_time(fake_time):
+    # the README's main command on a CPU: 300 epochs of 391 steps at 115 img/s (1.11 s per step of 128)
+    clock = RunClock(epochs=300, steps_per_epoch=391, global_step=0)
+    step = 128 / 115
+    assert "known after the first steps" in clock.eta(0, 0)
+    assert clock.eta(10, 0, seconds_per_step=step).startswith("run 1 d 12 h left (about ")  # 117,290 steps: 36 h
+    clock.begin_epoch()
+    fake_time.now += 391 * step
+    clock.end_training(391 * step, 391, full_epoch=True)
+    fake_time.now += 20.0  # the test-set evaluation
+    line = clock.epoch_line(0, global_step=391)
+    assert line.startswith("took 7 min 35 s (train 7 min 15 s, test 20 s) | 1/300 epochs, ")
+    left = 299 * 391 * step + 299 * 20.0  # the evaluation just timed stands for the 299 to come
+    assert f"{format_duration(left)} left (about " in line
+    clock.begin_epoch()  # the next epoch: the evaluation, log and checkpoint time is measured now
+    fake_time.now += 100 * step
+    assert clock.seconds_left(391 + 100, clock.evaluations_left(1, done=False)) == pytest.approx(
+        (300 * 391 - 491) * step + 299 * 20.0
+    )
+    assert RunClock(epochs=3, steps_per_epoch=10, global_step=0, max_steps=15).evaluations_left(0, done=False) == 2
+
+
+def test_progress_after_a_resume_counts_the_whole_epoch(fake_time):
+    lines: list[str] = []
+    clock = RunClock(epochs=2, steps_per_epoch=66, global_step=66 + 15)
+    bar = EpochProgress(progress="on", log_every=0, is_main=True, log=lines.append, epoch=1, total=66, done=15)
+    wrapped = bar.wrap(range(66 - 15))
+    assert (bar.bar.n, bar.bar.total) == (15, 66)  # the bar starts at step 15 of 66, not 0 of 51
+    for _ in wrapped:
+        pass
+    assert bar.bar.n == 66
+    text = EpochProgress(progress="auto", log_every=1e-9, is_main=True, log=lines.append, epoch=1, total=66, done=15,
+                         clock=clock, global_step=66 + 15)  # fmt: skip
+    fake_time.now += 1.0
+    text.update(4, torch.tensor(2.5), 0.1, 40, 4.0)
+    assert lines[-1].startswith("epoch 1 step 19/66 | loss 2.5000 | lr 0.1 | 10 img/s | run ")
+    assert "47 s left" in lines[-1]  # 66 - 19 steps at 1 s, no evaluation timed yet
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.points: list[tuple[int, dict[str, float], int]] = []
+
+    def log_steps(self, step: int, terms: dict[str, float], first_step: int = 0) -> None:
+        self.points.append((step, terms, first_step))
+
+
+def test_tensorboard_gets_the_loss_terms_every_n_steps_as_their_mean():
+    writer = RecordingWriter()
+    bar = EpochProgress(progress="off", log_every=0, is_main=True, log=print, epoch=0, total=100, tensorboard=writer,
+                        global_step=5)  # fmt: skip
+    for steps in range(1, 41):
+        loss = torch.tensor(float(5 + steps))
+        bar.update(steps, loss, 0.1, steps * 10, 1.0, {"loss": loss, "ce": loss / 2, "part_ce": loss})
+    n = progress.TENSORBOARD_EVERY
+    assert [step for step, _, _ in writer.points] == [20, 40]  # global steps 6..45: points at 20 and 40
+    assert writer.points[0][1] == pytest.approx({"loss": sum(range(6, 21)) / 15, "ce": sum(range(6, 21)) / 30})
+    assert writer.points[1][1]["loss"] == pytest.approx(sum(range(21, 41)) / n)
+    assert {first for _, _, first in writer.points} == {5}
+    quiet = RecordingWriter()  # another rank writes nothing
+    other = EpochProgress(progress="off", log_every=0, is_main=False, log=print, epoch=0, total=100, tensorboard=quiet)
+    other.update(20, torch.tensor(1.0), 0.1, 10, 1.0, {"loss": torch.tensor(1.0)})
+    assert quiet.points == []
+
+
+def test_end_line_names_the_time_the_reported_head_and_the_files():
+    summary = {"finished": True, "interrupted": False, "epochs_done": 300, "global_step": 117300,
+               "run_dir": "runs/mde", "last": {"epoch": 299, "acc_leader": 71.2, "acc_branch_mean": 70.0},
+               "best": {"acc_leader": {"value": 71.9, "epoch": 287}}}  # fmt: skip
+    line = end_line(summary, "leader", 6 * 3600 + 60, resumed=False)
+    assert line == (
+        "finished 300 epochs in 6 h 1 min | leader: best 71.90% (epoch 287), last 71.20% (epoch 299) | files in "
+        "runs/mde: train.log, metrics.csv, summary.json, best.pt, last.pt (python -m okdfast.evaluate runs/mde/best.pt)"
+    )
+    stopped = end_line(summary | {"finished": False}, None, 5, resumed=True)
+    assert stopped.startswith("stopped at step 117300 (--max-steps) after 5 s (this session) | files in runs/mde")
+
+
+def train_log(run_dir: Path) -> list[str]:
+    return (run_dir / "train.log").read_text().splitlines()
+
+
+def test_a_run_logs_each_epochs_time_the_eta_and_ends_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run(parse_config([*TINY, "--out", str(run_dir)])[0])
+    lines = train_log(run_dir)
+    epochs = [line for line in lines if line.startswith("epoch   ")]
+    assert len(epochs) == 2 and "| took " in epochs[0] and "1/2 epochs, " in epochs[0] and " left (about " in epochs[0]
+    assert "2/2 epochs, the last of this run" in epochs[1]
+    assert lines[-1].startswith("finished 2 epochs in ")
+    best = summary["best"]["acc_gate"]
+    last = summary["last"]["acc_gate"]
+    assert f"gate: best {best['value']:.2f}% (epoch {best['epoch']}), last {last:.2f}%" in lines[-1]
+    assert f"files in {run_dir}: train.log" in lines[-1]
+
+
+def test_tensorboard_says_where_it_writes_and_gets_per_step_terms_once_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "runs" / "run"
+    argv = [*TINY, "--subset", "200", "--tensorboard", "--out", str(run_dir)]  # 20 steps per epoch
+    run(parse_config([*argv, "--max-steps", "25"])[0])  # a point at step 20, then stopped at 25
+    main(["--out", str(run_dir), "--resume", "auto"])
+    where = [line for line in train_log(run_dir) if line.startswith("TensorBoard: ")]
+    assert len(where) == 2 and f"tensorboard --logdir {tmp_path / 'runs'}" in where[0]
+    accumulator = EventAccumulator(str(run_dir / "tensorboard" / "steps"))
+    accumulator.Reload()
+    steps = [event.step for event in accumulator.Scalars("train_step/loss")]
+    assert steps == [20, 40]  # each once: the resumed session's first window holds its 15 steps
+    assert {"train_step/ce", "train_step/kd"} <= set(accumulator.Tags()["scalars"])
+    assert "tensorboard/" in train_log(run_dir)[-1]
