@@ -7,22 +7,29 @@ epochs as fit in a given time, with every epoch's time and accuracy recorded as 
 ``decode`` finds ``cifar10-jpeg.npz`` (60,000 JPEG files of CIFAR-10 in official order with the official labels;
 a lossy re-encode, so accuracies compare methods with each other, not with papers) in ``$OKDFAST_JPEG_NPZ``, the
 checkout's ``shared/data/`` or ``../shared/data/`` and decodes it on every core into the standard npz layout
-``okdfast.data`` reads; without it, it says so in one line and exits 0 (the run step then skips too).
+``okdfast.data`` reads, with the source's provenance embedded (``okdfast.data.provenance.embed``): every run record
+of the decoded file says lossy, names cifar10-jpeg and says partial after ``--limit``. Without the archive it says
+so in one line and exits 0 (the run step then skips too).
 
 ``train`` runs ``python -m okdfast.train --method mde --arch resnet32 --branches 4 --dataset cifar10`` with the CUDA
-defaults (compile, bf16, channels-last, fused loss, gpu loader), a cosine schedule over the planned epochs, and
-``--epochs`` sized to ``--seconds``: from the images/s bench_train measured earlier in the same stage (its
-``all-but-cuda_graphs`` row, i.e. the defaults, else ``all-on``), else a guess. At ``--seconds`` the run is stopped
-(SIGTERM: it checkpoints and exits); the epochs finished by then are the result. Each finished epoch becomes a row
-of ``<results>/full_run.csv`` the moment ``metrics.jsonl`` shows it; a last ``summary`` row gives the wall time,
-epochs planned and done, and the final accuracies.
+defaults (compile, bf16, channels-last, fused loss, gpu loader, grouped branches), a cosine schedule over the
+planned epochs, and ``--epochs`` sized to ``--seconds``: from the images/s and the warm-up seconds bench_train
+measured earlier in the same visit for the defaults (its ``all-but-cuda_graphs`` row; ``all-on`` runs CUDA graphs,
+which the defaults do not), with ``STARTUP_S`` plus ``COMPILES`` times that warm-up for the start: the train step's
+compile, the last partial batch's recompile and the evaluation's compile all fall in the first epoch. Without such
+a row, ``GUESS_EPOCHS``. At ``--seconds`` the run is stopped (SIGTERM: it checkpoints and exits); the epochs
+finished by then are the result. Each finished epoch becomes a row of ``<results>/full_run.csv`` the moment
+``metrics.jsonl`` shows it; a last ``summary`` row gives the wall time, epochs planned and done, the data's label
+and the final accuracies; the run's ``config.yaml`` and ``summary.json`` are copied beside it
+(``full_run_config.yaml``, ``full_run_summary.json``). The training process stays in this process's group, so
+whoever stops this step stops it too (the GPU visit's runner stops the whole group at the step's limit).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +47,9 @@ from benchmarks.harness import append_row, read_rows, results_dir  # noqa: E402
 from benchmarks.suite import NPZ_NAME, find_npz  # noqa: E402
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
-STARTUP_S = 50.0  # process start, data on the device, compiling the train step and the eval graph (a guess)
+STARTUP_S = 20.0  # process start, data on the device, the first checkpoint (a guess)
+COMPILES = 2.0  # the first epoch's compiles (train step, partial batch, evaluation) in units of the step's warm-up
+GUESS_EPOCHS = 10  # without a bench_train row of the defaults
 
 
 def _decode(blobs: list[bytes]) -> np.ndarray:
@@ -67,25 +76,28 @@ def decode(out: Path, npz: Path | None = None, limit: int | None = None) -> Path
             "(copy it into the checkout's shared/data/ to run the full-size training step)"
         )
         return None
+    from okdfast.data.provenance import describe, embed
+
     start = time.perf_counter()
     data = np.load(npz, allow_pickle=False)
     arrays = {}
     for name in ("train", "test"):
         arrays[f"x_{name}"] = decode_split(data, name, None, limit)
         arrays[f"y_{name}"] = data[f"y_{name}"][: len(arrays[f"x_{name}"])]
+    source = describe(npz, "cifar10", len(data["offsets_train"]) - 1, len(data["offsets_test"]) - 1, lossy=True)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cifar10.tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays, **embed(source))
     tmp.replace(out / "cifar10.npz")
     print(
         f"decoded {npz} in {time.perf_counter() - start:.1f} s -> {out / 'cifar10.npz'}: "
-        f"train {arrays['x_train'].shape}, test {arrays['x_test'].shape} (lossy JPEG CIFAR-10)"
+        f"train {arrays['x_train'].shape}, test {arrays['x_test'].shape}; provenance kept: {source.label}"
     )
     return out / "cifar10.npz"
 
 
-def images_per_sec_from_bench(folder: Path) -> tuple[float, str] | None:
-    """The images/s of okdfast's defaults measured by bench_train in this stage (its newest such row)."""
+def defaults_from_bench(folder: Path) -> tuple[float, float, str] | None:
+    """(images/s, warm-up seconds, row name) of okdfast's defaults as bench_train measured them in this visit."""
     path = folder / "train.csv"
     if not path.exists():
         return None
@@ -93,16 +105,30 @@ def images_per_sec_from_bench(folder: Path) -> tuple[float, str] | None:
     for name in ("all-but-cuda_graphs", "all-on"):
         match = [r for r in rows if r.get("row") == name and r.get("images_per_sec")]
         if match:
-            return float(match[-1]["images_per_sec"]), name
+            warmup = float(match[-1].get("warmup_seconds") or match[-1].get("row_seconds") or 60.0)
+            return float(match[-1]["images_per_sec"]), warmup, name
     return None
 
 
-def plan_epochs(seconds: float, images_per_sec: float | None) -> int:
-    """Epochs that fit: (seconds - start-up) / (train epoch + test pass), at least 1."""
+def plan_epochs(seconds: float, images_per_sec: float | None, warmup_s: float = 60.0) -> int:
+    """Epochs that fit: (seconds - start-up - the first epoch's compiles) / (train epoch + test pass), at least 1."""
     if not images_per_sec:
-        return 15
+        return GUESS_EPOCHS
     epoch = TRAIN_IMAGES / images_per_sec + TEST_IMAGES / (3 * images_per_sec) + 1.0  # + eval, checkpoints
-    return max(1, min(200, int((seconds - STARTUP_S) / epoch)))
+    return max(1, min(200, int((seconds - STARTUP_S - COMPILES * warmup_s) / epoch)))
+
+
+class _Stop:
+    """SIGTERM / SIGINT while the run trains: the run got the signal too (it is in this process group); collect
+    what it finished and write the summary instead of dying with the rows unwritten."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = signum
 
 
 def train(args: argparse.Namespace) -> int:
@@ -111,9 +137,13 @@ def train(args: argparse.Namespace) -> int:
         print(f"full-run: skipped, no decoded CIFAR-10 in {data} (decode-data found no {NPZ_NAME})")
         return 0
     folder = results_dir(args.results_dir)
-    measured = images_per_sec_from_bench(folder)
-    epochs = args.epochs or plan_epochs(args.seconds, measured[0] if measured else None)
-    source = f"{measured[1]} row of bench_train, {measured[0]:.0f} img/s" if measured else "no bench_train row"
+    measured = defaults_from_bench(folder)
+    epochs = args.epochs or plan_epochs(args.seconds, *(measured[:2] if measured else (None,)))
+    source = (
+        f"{measured[2]} row of bench_train: {measured[0]:.0f} img/s, {measured[1]:.0f} s warm-up"
+        if measured
+        else f"no bench_train row of the defaults: {GUESS_EPOCHS} epochs guessed"
+    )
     run_dir = Path(args.run_dir)
     command = [sys.executable, "-m", "okdfast.train", "--method", "mde", "--arch", "resnet32", "--branches", "4"]
     command += ["--dataset", "cifar10", "--data-dir", str(data), "--epochs", str(epochs), "--lr-schedule", "cosine"]
@@ -134,7 +164,8 @@ def train(args: argparse.Namespace) -> int:
         "epochs_planned": epochs,
     }
     start = time.monotonic()
-    proc = subprocess.Popen(command, start_new_session=True)
+    stop = _Stop()
+    proc = subprocess.Popen(command)  # same process group: stopped with this step, never orphaned
     seen = 0
     metrics = run_dir / "metrics.jsonl"
     stopped = False
@@ -160,15 +191,23 @@ def train(args: argparse.Namespace) -> int:
 
     while proc.poll() is None:
         collect()
+        if stop.signum is not None:  # the run has the signal too: give it a moment to checkpoint, then report
+            print(f"full-run: {signal.Signals(stop.signum).name}, collecting what the run finished", flush=True)
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+            stopped = True
+            break
         if time.monotonic() - start > args.seconds and not stopped:
             print(f"full-run: {args.seconds:.0f} s reached, stopping the run (SIGTERM: it checkpoints)", flush=True)
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             stopped = True
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        time.sleep(1.0)
+                proc.kill()
+        time.sleep(0.5)
     collect()
     wall = time.monotonic() - start
     lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -182,7 +221,15 @@ def train(args: argparse.Namespace) -> int:
         "returncode": proc.returncode,
     }
     summary |= {k: v for k, v in last.items() if k.startswith("acc_")}
+    run_summary = run_dir / "summary.json"
+    if run_summary.exists():
+        data = json.loads(run_summary.read_text()).get("data") or {}
+        summary |= {"data_label": data.get("label", ""), "data_lossy": data.get("lossy", "")}
+        summary |= {"data_derived_from": data.get("derived_from", ""), "data_partial": data.get("partial", "")}
     append_row("full_run", summary, folder)
+    for name in ("config.yaml", "summary.json"):
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, folder / f"full_run_{Path(name).stem}{Path(name).suffix}")
     print(f"full-run: {len(epochs_rows)} of {epochs} epochs in {wall:.0f} s; last: {last}")
     return 0 if epochs_rows and (proc.returncode == 0 or stopped) else 1
 

@@ -5,15 +5,24 @@ A result must never be mistaken for one on the official data. So every data set 
 the official split) or **lossy** (pixels that are not the official ones, e.g. a JPEG re-encode), and a one-line
 ``label`` that run summaries, results tables and plot titles carry. Known files (the partial and re-encoded CIFAR
 files that circulate for offline work) are recognised by their sha256 and described by name.
+
+A file made from another (the GPU visit decodes ``cifar10-jpeg.npz`` once into a pixel npz, ``benchmarks/full_run.py``)
+has a sha256 nobody knows and pixels that look official. So the writer embeds the source's provenance in the file
+(:func:`embed` -> an ``okdfast_provenance`` entry of the npz, a JSON string; the readers ignore unknown keys) and
+:func:`describe` carries it over: the derived file is lossy when its source was, names it (``derived_from``, its
+sha256 in ``source_sha256``), and is partial when it or its source holds fewer images than the official splits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+EMBEDDED_KEY = "okdfast_provenance"  # the npz entry holding the provenance of the file it was made from
 # (train, test) images of the official splits
 OFFICIAL_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "cinic10": (90000, 90000)}
 PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "cinic10": "CINIC-10"}
@@ -58,6 +67,8 @@ class DataProvenance:
     partial: bool  # fewer images than the official splits
     lossy: bool  # not the official pixels
     known_as: str | None = None  # the short name of a known file
+    derived_from: str | None = None  # the file this one was made from (its known name, else its file name)
+    source_sha256: str | None = None  # that file's sha256
 
     @property
     def official(self) -> bool:
@@ -76,6 +87,8 @@ class DataProvenance:
         if self.lossy:
             what.append("lossy pixels")
         source = f" {self.known_as}" if self.known_as else ""
+        if self.derived_from:
+            source += f" decoded from {self.derived_from}"
         return f"{name}{source} ({'; '.join(what)})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,19 +106,44 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def embedded(path: Path) -> dict[str, Any] | None:
+    """The provenance record an npz carries of the file it was made from (:func:`embed`), or None."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        if f"{EMBEDDED_KEY}.npy" not in archive.namelist():
+            return None
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z[EMBEDDED_KEY][()]))
+
+
+def embed(source: DataProvenance) -> dict[str, Any]:
+    """The entry to save in an npz made from ``source`` (``np.savez(out, **arrays, **embed(source))``), so that the
+    new file keeps the source's provenance (:func:`describe` reads it)."""
+    import numpy as np
+
+    return {EMBEDDED_KEY: np.array(json.dumps(source.to_dict()))}
+
+
 def describe(path: Path, dataset: str, train_images: int, test_images: int, *, lossy: bool = False) -> DataProvenance:
     """The provenance of ``dataset`` read from ``path`` with the given split sizes (``lossy``: decoded from a lossy
-    format, e.g. JPEG). A known file adds its name and its known lossiness."""
+    format, e.g. JPEG). A known file adds its name and its known lossiness; a file made from another (an embedded
+    record) adds the source's name, lossiness and partiality."""
     sha = sha256_of(path)
     known = KNOWN_FILES.get(sha)
     full_train, full_test = OFFICIAL_SIZES.get(dataset, (train_images, test_images))
+    source = embedded(path)
     return DataProvenance(
         path=str(path.resolve()),
         sha256=sha,
         dataset=dataset,
         train_images=train_images,
         test_images=test_images,
-        partial=train_images < full_train or test_images < full_test,
-        lossy=lossy or bool(known and known[2]),
+        partial=train_images < full_train or test_images < full_test or bool(source and source.get("partial")),
+        lossy=lossy or bool(known and known[2]) or bool(source and source.get("lossy")),
         known_as=known[0] if known else None,
+        derived_from=(source.get("known_as") or Path(source.get("path", "?")).name) if source else None,
+        source_sha256=source.get("sha256") if source else None,
     )
