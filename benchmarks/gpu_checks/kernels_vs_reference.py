@@ -1,5 +1,5 @@
 """Every Triton kernel against its PyTorch reference on the GPU: fresh random inputs, poisoned outputs, odd shapes,
-strided inputs, fp32 / bf16 / fp16. The first correctness step of gpu_suite.sh's ``check`` stage.
+strided inputs, fp32 / bf16 / fp16. The first correctness step of a GPU visit (benchmarks/suite.py).
 
     python -m benchmarks.gpu_checks.kernels_vs_reference                # on a CUDA machine
     python -m benchmarks.gpu_checks.kernels_vs_reference --seed 123     # replay a printed seed
@@ -17,8 +17,11 @@ while a kernel's host launcher runs, every buffer it allocates (``torch.empty``)
 -7) first, so an element a kernel forgets to write shows up as a mismatch instead of passing on a lucky zero.
 Strided cases pass non-contiguous views (branch-major logits, every other class, a transposed weight matrix).
 
-Rows (one per case, written as checked) go to ``<results>/check_kernels.csv``; afterwards the registers, spills
-and warps of every kernel the real launches compiled go to ``launch_registers.csv``. Exit status 1 on any mismatch.
+Rows go to ``<results>/check_kernels.csv`` as each case is checked: one per case (``family`` online_kd or augment),
+then one per kernel variant that case compiled (``family`` launch: registers, spills, warps, shared memory of what
+the real launch built), so a step cut at its limit keeps both. ``--cases visit`` is the first visit's share (every
+teacher form in bf16 and strided fp32, the CIFAR headline shapes, C in many chunks); ``--cases rest`` the others;
+``--cases all`` both. Exit status 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -70,6 +73,13 @@ class Case:
         flags = ["strided" if self.strided else "", f"ls{self.smoothing}" if self.smoothing else "", self.reduction]
         flags.append("ign" if self.ignored else "")
         return "-".join([self.form, f"{b}x{k}x{c}", self.dtype] + [f for f in flags if f])
+
+
+VISIT_EXTRA = [
+    Case("mde", (128, 4, 100), "bf16"),  # the CIFAR headline shape, the paper's teacher
+    Case("one", (128, 4, 100), "bf16"),
+    Case("mde", (64, 4, 32771), "bf16", ignored=True),  # C in many chunks, not a multiple of 16
+]
 
 
 def online_kd_cases(quick: bool) -> list[Case]:
@@ -229,6 +239,52 @@ def augment_cases(quick: bool) -> list[tuple[str, bool, bool, int]]:
     return [(d, cl, aug, 37) for d in dtypes for cl in (True, False) for aug in (True, False)]
 
 
+def jobs_for(cases: str, quick: bool = False) -> list[tuple[str, Any]]:
+    """(family, case) in checking order: ``visit`` (every form quickly + the headline shapes), ``rest``, ``all``."""
+    every = [("online_kd", c) for c in online_kd_cases(quick)] + [("augment", c) for c in augment_cases(quick)]
+    visit = [("online_kd", c) for c in online_kd_cases(True) + VISIT_EXTRA]
+    visit += [("augment", c) for c in augment_cases(True) if c[1] and c[2]]  # channels-last, augmented: training's
+    if cases == "visit":
+        return visit
+    keys = {(family, str(case)) for family, case in visit}
+    rest = [(family, case) for family, case in every if (family, str(case)) not in keys]
+    return rest if cases == "rest" else visit + rest
+
+
+def launch_rows(seen: set[int], case_label: str) -> list[dict[str, Any]]:
+    """A row for every kernel variant compiled since the last call (what the real launches built)."""
+    from okdfast.kernels import augment as augment_kernels
+    from okdfast.kernels import online_kd as kd_kernels
+
+    rows = []
+    for kernel in (
+        kd_kernels._online_kd_fwd_kernel,
+        kd_kernels._online_kd_reduce_kernel,
+        kd_kernels._online_kd_bwd_kernel,
+        augment_kernels._crop_flip_lut_kernel,
+    ):
+        for compiled in compiled_kernels(kernel):
+            if id(compiled) in seen:
+                continue
+            seen.add(id(compiled))
+            meta = compiled.metadata
+            constants = getattr(getattr(compiled, "src", None), "constants", None) or {}
+            blocks = {str(k[-1] if isinstance(k, tuple) else k): v for k, v in dict(constants).items()}
+            rows.append(
+                {
+                    "family": "launch",
+                    "case": case_label,
+                    "kernel": getattr(kernel, "__name__", str(kernel)),
+                    "registers": getattr(compiled, "n_regs", ""),
+                    "spills": getattr(compiled, "n_spills", ""),
+                    "num_warps": getattr(meta, "num_warps", ""),
+                    "shared_bytes": getattr(meta, "shared", ""),
+                    "blocks": " ".join(f"{k}={v}" for k, v in blocks.items() if str(k).isupper()),
+                }
+            )
+    return rows
+
+
 def run_augment(case: tuple[str, bool, bool, int], device: torch.device, gen: torch.Generator) -> dict[str, Any]:
     from okdfast.kernels import augment as augment_kernels
 
@@ -259,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=None, help="default: from the clock (printed)")
     parser.add_argument("--quick", action="store_true", help="fewer cases (the interpreter on a CPU)")
+    parser.add_argument("--cases", choices=["all", "visit", "rest"], default="all", help="which share of the cases")
+    parser.add_argument("--first", type=int, default=None, help="only the first N cases (a CPU rehearsal)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -272,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = results_dir(args.results_dir, args.commit_results)
     base = machine_columns("check_kernels", device) | {"seed": seed}
     failures = 0
-    jobs = [("online_kd", c) for c in online_kd_cases(args.quick)] + [("augment", c) for c in augment_cases(args.quick)]
+    jobs = jobs_for(args.cases, args.quick)[: args.first]
+    seen: set[int] = set()
     for n, (family, case) in enumerate(jobs):
         gen = torch.Generator(device=device).manual_seed(seed + n)
         start = time.perf_counter()
@@ -293,28 +352,11 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - start, 3),
         }
         append_row("check_kernels", row, folder)
+        for launch in launch_rows(seen, label):
+            append_row("check_kernels", base | launch, folder)
         failures += not result["ok"]
         mark = "ok  " if result["ok"] else "FAIL"
         print(f"{mark} {family:9s} {label:45s} worst {result['worst_output']} {result['worst_rel_error']}", flush=True)
-    from okdfast.kernels import augment as augment_kernels
-    from okdfast.kernels import online_kd as kd_kernels
-
-    for kernel in (
-        kd_kernels._online_kd_fwd_kernel,
-        kd_kernels._online_kd_reduce_kernel,
-        kd_kernels._online_kd_bwd_kernel,
-        augment_kernels._crop_flip_lut_kernel,
-    ):
-        for compiled in compiled_kernels(kernel):
-            meta = compiled.metadata
-            row = base | {
-                "kernel": getattr(kernel, "__name__", str(kernel)),
-                "registers": getattr(compiled, "n_regs", ""),
-                "spills": getattr(compiled, "n_spills", ""),
-                "num_warps": getattr(meta, "num_warps", ""),
-                "shared_bytes": getattr(meta, "shared", ""),
-            }
-            append_row("launch_registers", row, folder)
     print(f"{len(jobs) - failures} of {len(jobs)} cases match their reference; rows in {folder}/check_kernels.csv")
     return 1 if failures else 0
 
