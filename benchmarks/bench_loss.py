@@ -1,11 +1,16 @@
-"""Benchmark of the fused multi-branch online-KD loss (``okdfast.ops.online_kd``: the op a training step calls)
-against its PyTorch reference, eager and under torch.compile, for the teacher forms the methods really use, from
-CIFAR shapes (B=128, K=3..5, C=10/100) up to B=4096, K=4, C=32768.
+"""Benchmark of the fused loss ops (``okdfast.ops.online_kd``: the op a training step calls) against their PyTorch
+reference, eager and under torch.compile, for the teacher forms the methods really use, from CIFAR shapes (B=128,
+K=3..5, C=10/100) up to B=4096, K=4, C=32768; and the sweep of the kernels' launch configuration.
 
 Claim under test (benchmarks/GPU.md): fused forward + backward >= 1.5x torch.compile of the reference at
 128x4x100 with both under CUDA graphs, and >= 80% of the measured copy bandwidth at 4096x4x32768 bf16.
 
-Teacher forms (``--forms``), each with the options its method passes (okdfast/methods/*.py):
+What is measured is data: ``SUBJECTS`` (an op with its inputs, its reference and its fused path: ``online_kd`` now;
+a new fused op is one more ``Subject``) and ``PRESETS`` (lists of ``Combo(subject, form, shape)`` in measuring
+order, with the implementations each one times). Adding a subject to the headline rows of a GPU visit is a Subject
+and a line in ``PRESETS["headline"]``.
+
+Teacher forms of ``online_kd`` (``--forms``), each with the options its method passes (okdfast/methods/*.py):
     mean      t = mean of the K branches, detached (the op's defaults)
     explicit  a (B, C) teacher head trained by its own CE and the KL (``detach_teacher=False``)
     one       ONE: gate weights (B, K), one shared teacher, teacher CE, KL target trained
@@ -16,12 +21,12 @@ Teacher forms (``--forms``), each with the options its method passes (okdfast/me
     dml       DML: peer mode, peers detached
 Every call gets ``kd_weight`` as a one-element device tensor, as the training loop passes the ramp-up.
 
-Implementations (``--impls``): ``reference`` (eager ``okdfast.ops.reference.online_kd_reference``), ``compiled``
-(``torch.compile(reference, fullgraph=True, dynamic=False)``), ``fused`` (the Triton op, what an eager step
-runs; no host sync, as in training) and ``fused-compiled`` (the op inside torch.compile, what a ``--compile`` step
-runs). The CPU runs ``reference``, ``op`` (the public op as a user calls it: its input checks, then the reference
-under autograd, the CPU path) and ``compiled``. Every implementation is
-validated against the eager reference (loss and every gradient) before it is timed.
+Implementations (``--impls``): ``reference`` (eager reference), ``compiled`` (``torch.compile(reference,
+fullgraph=True, dynamic=False)``), ``fused`` (the Triton op, what an eager step runs; no host sync, as in training)
+and ``fused-compiled`` (the op inside torch.compile, what a ``--compile`` step runs). Where the kernels cannot run
+(the CPU) the fused ones are replaced by ``op`` (the public op as a user calls it: its input checks, then the
+reference under autograd, the CPU path). Every implementation is validated against the eager reference (loss and
+every gradient) before it is timed.
 
 Phases: ``fwd+bwd`` is the headline (``headline`` column): the loss and the gradients of every input that is
 trained, what a step pays. ``fwd`` (inputs requiring grad: the fused forward also saves the statistics its backward
@@ -32,22 +37,38 @@ logits, ``cuda-graph`` (the calls captured in a CUDA graph and replayed: no laun
 ``--cuda-graphs``). GB/s: ``bytes_min`` is what any implementation must move (inputs read once, gradients written
 once); ``kernel_bytes`` what the fused kernels move (logits read by the forward and again by the backward, the
 gradient written); ``pct_copy_bw`` divides by the copy bandwidth measured on this machine (benchmarks/harness.py).
+``launch`` names the launch configuration the fused kernels' heuristics chose (``kernels/online_kd.py``).
+
+``--sweep NAME``: the forward and backward kernels called through their host launchers with every ``block_c`` x
+``num_warps`` of ``SWEEPS[NAME]`` (the heuristic's choice first, then its neighbours, nearest first), each
+validated against the reference, then fwd, bwd and fwd+bwd timed (CUDA graphs at the small shape): rows with
+``impl = fused-sweep``, the config, and the registers and spills of the variants it compiled. The rows to choose
+the heuristics from. The kernels take no rows-per-program parameter (one program per row): that is not swept.
+
+``--time-budget``: no combination (or sweep config) starts unless its estimated time, first compiles included,
+fits in what is left; the ones skipped are named. ``--tiny`` (a CPU rehearsal of a GPU visit) keeps the plan and
+shrinks every shape, and compiles with the ``eager`` backend.
 
 Rows are written to ``<results>/loss.csv`` as they are measured (untracked ``runs/bench/`` unless
-``--results-dir`` / ``--commit-results``), the plot to ``loss_<device>.png``.
+``--results-dir`` / ``--commit-results`` / ``$OKDFAST_RESULTS_DIR``), the plot to ``loss_<device>.png``.
 
-    python -m benchmarks.bench_loss --quick                       # three shapes, form mde
+    python -m benchmarks.bench_loss --quick                       # every teacher form at 128x4x100, mde at 2 more
     python -m benchmarks.bench_loss                               # every default shape, forms mean explicit one mde
-    python -m benchmarks.bench_loss --preset suite --time-budget 140   # what gpu_suite.sh's kernels stage runs
+    python -m benchmarks.bench_loss --preset headline --time-budget 70   # a GPU visit's headline rows
+    python -m benchmarks.bench_loss --sweep headline --time-budget 50    # the launch-configuration sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,34 +86,31 @@ from benchmarks.harness import (  # noqa: E402
     time_cuda_graph,
     time_fn,
 )
-from okdfast.compat import raise_recompile_limit  # noqa: E402
+from okdfast.compat import compiled_kernels, raise_recompile_limit  # noqa: E402
 from okdfast.ops.dispatch import triton_runs_on  # noqa: E402
-from okdfast.ops.online_kd import online_kd  # noqa: E402
-from okdfast.ops.online_kd_options import OnlineKDOptions  # noqa: E402
+from okdfast.ops.online_kd import online_kd, teacher_is_trained  # noqa: E402
+from okdfast.ops.online_kd_options import OnlineKDOptions, teacher_weight_layout  # noqa: E402
 from okdfast.ops.reference import online_kd_reference  # noqa: E402
 
+Shape = tuple[int, int, int]  # (B, K, C)
 CIFAR_SHAPES = [(128, k, c) for c in (10, 100) for k in (3, 4, 5)]
-SHAPES = CIFAR_SHAPES + [(1024, 4, 1000), (4096, 4, 1000), (4096, 4, 32768)]  # (B, K, C)
+SHAPES = CIFAR_SHAPES + [(1024, 4, 1000), (4096, 4, 1000), (4096, 4, 32768)]
 CPU_SHAPES = CIFAR_SHAPES + [(1024, 4, 1000)]  # the larger ones take minutes per row on a CPU
 QUICK_SHAPES = [(128, 4, 10), (128, 4, 100), (1024, 4, 1000)]
 HEADLINE_SHAPES = [(128, 4, 100), (4096, 4, 32768)]
 FORMS = ("mean", "explicit", "one", "mde", "okddip", "cl_ilr", "dml")
 DEFAULT_FORMS = ["mean", "explicit", "one", "mde"]
-PRESETS = {  # gpu_suite.sh's kernels stage: the headline shapes for every form first, then the others
-    "suite": dict(
-        combos=[(f, s) for s in HEADLINE_SHAPES for f in ("mde", "one", "explicit", "mean")]
-        + [(f, s) for s in ((128, 4, 10), (1024, 4, 1000), (4096, 4, 1000)) for f in ("mde", "one")],
-        dtypes=["bf16"],
-    )
-}
 PHASES = ("fwd+bwd", "fwd", "bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["reference", "compiled", "fused", "fused-compiled"]
 CPU_IMPLS = ["reference", "op", "compiled"]
+# what a combination costs, for --time-budget (estimates, not measurements: a GPU visit's first compile is cold)
+COLD_COMPILE_S, WARM_COMPILE_S, KERNEL_COMPILE_S = 25.0, 12.0, 3.0
+LARGE_ELEMENTS = 2**26  # above this many logits the eager reference takes seconds per phase
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# inputs: the teacher forms of the methods
+# the online-KD op's inputs: the teacher forms of the methods
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -124,9 +142,7 @@ def _two_level(aux_rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.pad(aux_rows, (0, 1)), leader], dim=1)
 
 
-def make_inputs(
-    shape: tuple[int, int, int], dtype: torch.dtype, form: str, device: torch.device, seed: int = 0, values: bool = True
-):
+def make_inputs(shape: Shape, dtype: torch.dtype, form: str, device: torch.device, seed: int = 0, values: bool = True):
     """``(logits, target, teacher, teacher_weights, kd_weight)`` of one call; the trained ones require grad.
     ``values=False``: the logits and teacher uninitialised (only shapes, strides and dtypes matter: compile checks)."""
     batch, branches, classes = shape
@@ -175,23 +191,7 @@ def loss_fns(options: OnlineKDOptions) -> dict[str, Any]:
     return {"reference": reference, "fused": fused, "op": op}
 
 
-def make_impl(impl: str, options: OnlineKDOptions, backend: str):
-    fns = loss_fns(options)
-    if impl == "reference":
-        return fns["reference"]
-    if impl in ("fused", "op"):
-        return fns[impl]
-    # a fresh torch.compile per (form, dtype, shape): dynamic=False specialises each shape, as a training run does
-    base = fns["reference"] if impl == "compiled" else fns["fused"]
-    return torch.compile(base, fullgraph=True, dynamic=False, backend=backend)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# bytes, validation, phases
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def bytes_moved(shape, dtype: torch.dtype, form: str) -> dict[str, int]:
+def bytes_moved(shape: Shape, dtype: torch.dtype, form: str) -> dict[str, dict[str, int]]:
     """Bytes per phase: ``min`` (inputs read once, gradients of the trained inputs written once) and ``kernel``
     (the fused kernels: the forward reads the inputs, the backward reads them again and writes the gradients)."""
     batch, branches, classes = shape
@@ -207,45 +207,161 @@ def bytes_moved(shape, dtype: torch.dtype, form: str) -> dict[str, int]:
     }
 
 
-def estimated_reference_peak(shape) -> int:
+def estimated_reference_peak(shape: Shape) -> int:
     batch, branches, classes = shape
     return 16 * batch * branches * classes * 4  # ~a dozen fp32 (B, K, C) temporaries of the eager fwd + bwd
 
 
-def validate(fn, reference, inputs: tuple) -> float:
+# ---------------------------------------------------------------------------------------------------------------
+# subjects: what can be measured, as data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One measured call: its arguments, the inputs whose gradients it takes, the bytes it must move, and its
+    implementations (name -> a function of ``*args`` returning the loss)."""
+
+    args: tuple
+    wrt: list[torch.Tensor]
+    moved: dict[str, dict[str, int]]
+    fns: dict[str, Callable]
+    tolerance: float
+    launch: str = ""  # the fused path's launch configuration, as its heuristics chose it
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An op under test: its forms (the options and inputs of each caller) and how to build one call."""
+
+    name: str
+    forms: tuple[str, ...]
+    make_call: Callable[[str, Shape, torch.dtype, torch.device], Call]
+
+
+def online_kd_launch(shape: Shape, teacher, weights) -> str:
+    """The (BLOCK_K, TB, BLOCK_C, num_warps) the kernels' heuristics pick for this call."""
+    from okdfast.kernels.online_kd import launch_config
+
+    batch, branches, classes = shape
+    rows = teacher_weight_layout(weights, batch, branches)[0] if weights is not None else 0
+    rows = rows or (branches if teacher is not None and teacher.dim() == 3 else 1)
+    block_k, tb, block_c, warps = launch_config(branches, classes, rows, weights is not None)
+    return f"BLOCK_K={block_k} TB={tb} BLOCK_C={block_c} num_warps={warps}"
+
+
+def online_kd_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Call:
+    args = make_inputs(shape, dtype, form, device)
+    logits, _, teacher, weights, _ = args
+    return Call(
+        args=args,
+        wrt=trained_inputs(logits, teacher, weights),
+        moved=bytes_moved(shape, dtype, form),
+        fns=loss_fns(form_options(form, shape[1])),
+        tolerance=1e-4 if dtype == torch.float32 else 2e-2,
+        launch=online_kd_launch(shape, teacher, weights),
+    )
+
+
+SUBJECTS: dict[str, Subject] = {
+    "online_kd": Subject("online_kd", FORMS, online_kd_call),
+}
+
+
+class Combo(NamedTuple):
+    subject: str
+    form: str
+    shape: Shape
+    impls: tuple[str, ...] | None = None  # None: every implementation of the run (--impls, else the device's)
+
+
+@dataclass(frozen=True)
+class Preset:
+    combos: tuple[Combo, ...]
+    dtypes: tuple[str, ...] = ("bf16",)
+
+
+_SMALL, _LARGE = HEADLINE_SHAPES
+_TARGET_IMPLS = ("reference", "compiled", "fused")  # what the targets compare
+_OTHER_SHAPES = ((128, 4, 10), (1024, 4, 1000), (4096, 4, 1000))
+PRESETS: dict[str, Preset] = {
+    # a GPU visit's first loss step: the paper's teacher at the two shapes the targets name
+    "headline": Preset(
+        (
+            Combo("online_kd", "mde", _SMALL, _TARGET_IMPLS),
+            Combo("online_kd", "mde", _LARGE, _TARGET_IMPLS),
+        )
+    ),
+    # the second visit: every other teacher form at the headline shapes, the op inside torch.compile, other shapes
+    "forms": Preset(
+        tuple(Combo("online_kd", f, s, _TARGET_IMPLS) for s in HEADLINE_SHAPES for f in FORMS if f != "mde")
+        + tuple(Combo("online_kd", "mde", s, ("fused", "fused-compiled")) for s in HEADLINE_SHAPES)
+        + tuple(Combo("online_kd", f, s) for s in _OTHER_SHAPES for f in ("mde", "one"))
+    ),
+    # every teacher form at the headline shapes first, then the others (all implementations)
+    "suite": Preset(
+        tuple(Combo("online_kd", f, s) for s in HEADLINE_SHAPES for f in ("mde", "one", "explicit", "mean"))
+        + tuple(Combo("online_kd", f, s) for s in _OTHER_SHAPES for f in ("mde", "one"))
+    ),
+}
+# --quick: every teacher form at the CIFAR-100 shape, the paper's at the two other quick shapes
+QUICK = tuple(Combo("online_kd", f, (128, 4, 100)) for f in FORMS) + tuple(
+    Combo("online_kd", "mde", s) for s in QUICK_SHAPES if s != (128, 4, 100)
+)
+
+
+def tiny(shape: Shape) -> Shape:
+    """--tiny: the same K, a few rows, C small (C > 1000 stays longer than one block of the kernels)."""
+    batch, branches, classes = shape
+    return (min(batch, 8), branches, 40 if classes > 1000 else min(classes, 10))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation, phases
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def validate(fn, reference, call: Call) -> float:
     """Max error of fn's loss and gradients relative to the largest reference value (raises when too large)."""
-    logits, _, teacher, weights, _ = inputs
-    wrt = trained_inputs(logits, teacher, weights)
-    got = [fn(*inputs)]
-    got += torch.autograd.grad(got[0], wrt)
-    expected = [reference(*inputs)]
-    expected += torch.autograd.grad(expected[0], wrt)
+    got = [fn(*call.args)]
+    got += torch.autograd.grad(got[0], call.wrt)
+    expected = [reference(*call.args)]
+    expected += torch.autograd.grad(expected[0], call.wrt)
+    return _worst_error(got, expected, call.tolerance)
+
+
+def _worst_error(got: list[torch.Tensor], expected: list[torch.Tensor], tol: float) -> float:
     worst = 0.0
     for a, b in zip(got, expected):
         scale = b.float().abs().max().clamp_min(1e-12)
         worst = max(worst, ((a.float() - b.float()).abs().max() / scale).item())
-    tol = 1e-4 if logits.dtype == torch.float32 else 2e-2
     if not worst <= tol:
         raise AssertionError(f"validation failed: relative error {worst:.2e} > {tol}")
     return worst
 
 
-def phase_calls(fn, inputs: tuple) -> dict[str, tuple]:
+def phase_calls(fn, call: Call) -> dict[str, tuple]:
     """{phase: (timed call, untimed setup before each sample)}; gradients by autograd.grad (nothing accumulates)."""
-    logits, _, teacher, weights, _ = inputs
-    wrt = trained_inputs(logits, teacher, weights)
     state: dict[str, torch.Tensor] = {}
 
     def forward():
-        state["loss"] = fn(*inputs)
+        state["loss"] = fn(*call.args)
 
     def backward():
-        torch.autograd.grad(state["loss"], wrt)
+        torch.autograd.grad(state["loss"], call.wrt)
 
     def both():
-        torch.autograd.grad(fn(*inputs), wrt)
+        torch.autograd.grad(fn(*call.args), call.wrt)
 
     return {"fwd+bwd": (both, None), "fwd": (forward, None), "bwd": (backward, forward)}
+
+
+def make_impl(impl: str, call: Call, backend: str):
+    if impl in ("reference", "fused", "op"):
+        return call.fns[impl]
+    # a fresh torch.compile per combination: dynamic=False specialises each shape, as a training run does
+    base = call.fns["reference"] if impl == "compiled" else call.fns["fused"]
+    return torch.compile(base, fullgraph=True, dynamic=False, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,30 +369,51 @@ def phase_calls(fn, inputs: tuple) -> dict[str, tuple]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[str, str, tuple[int, int, int]]]:
-    """(form, dtype, shape) in the order they are measured (the headline ones first)."""
+def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[Combo, str]]:
+    """(combination, dtype) in the order they are measured (the headline ones first)."""
     if args.preset:
         preset = PRESETS[args.preset]
-        dtypes = args.dtype or preset["dtypes"]
-        return [(form, d, shape) for d in dtypes for form, shape in preset["combos"]]
-    shapes = QUICK_SHAPES if args.quick else (SHAPES if on_gpu else CPU_SHAPES)
-    if args.shapes:
-        shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
-    forms = args.forms or (["mde"] if args.quick else DEFAULT_FORMS)
-    dtypes = args.dtype or (["bf16", "fp32"] if on_gpu else ["fp32"])
-    return [(form, d, shape) for d in dtypes for shape in shapes for form in forms]
+        combos, dtypes = list(preset.combos), args.dtype or list(preset.dtypes)
+    else:
+        if args.quick and not args.shapes and not args.forms:
+            combos = list(QUICK)
+        else:
+            shapes = QUICK_SHAPES if args.quick else (SHAPES if on_gpu else CPU_SHAPES)
+            if args.shapes:
+                shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
+            forms = args.forms or (list(FORMS) if args.quick else DEFAULT_FORMS)
+            combos = [Combo("online_kd", f, s) for s in shapes for f in forms]
+        dtypes = args.dtype or (["bf16", "fp32"] if on_gpu else ["fp32"])
+    if args.tiny:
+        combos = [c._replace(shape=tiny(c.shape)) for c in combos]
+    return [(combo, d) for d in dtypes for combo in combos]
+
+
+def impls_for(combo: Combo, args: argparse.Namespace, fused_here: bool) -> list[str]:
+    impls = list(args.impls or combo.impls or (GPU_IMPLS if fused_here else CPU_IMPLS))
+    if not fused_here and any(i.startswith("fused") for i in impls):  # the CPU: the op is the reference itself
+        impls = [i for i in impls if not i.startswith("fused")] + ([] if "op" in impls else ["op"])
+    return impls
+
+
+def estimate_s(combo: Combo, impls: list[str], compiled_before: int, on_gpu: bool) -> float:
+    """Seconds a combination takes, first compiles included (for --time-budget; estimates)."""
+    compiles = sum("compiled" in i for i in impls)
+    seconds = sum(COLD_COMPILE_S if compiled_before + n == 0 else WARM_COMPILE_S for n in range(compiles))
+    seconds += KERNEL_COMPILE_S * sum(i.startswith("fused") for i in impls)
+    elements = math.prod(combo.shape)
+    return seconds + (4.0 * len(impls) if elements > LARGE_ELEMENTS or not on_gpu else 1.5 * len(impls))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device) if args.device else default_device()
     on_gpu = device.type == "cuda"
-    impls = args.impls or (GPU_IMPLS if on_gpu else CPU_IMPLS)
-    if any(i.startswith("fused") for i in impls) and not (on_gpu and triton_runs_on(device)):
-        print("fused (Triton): needs a CUDA GPU; skipped here (on a CPU the op is the reference itself)")
-        impls = [i for i in impls if not i.startswith("fused")]
+    fused_here = triton_runs_on(device) and (on_gpu or args.tiny)
+    if args.impls and any(i.startswith("fused") for i in args.impls) and not fused_here:
+        print("fused (Triton): needs a CUDA GPU; timing the public op instead (on a CPU it is the reference itself)")
     combos = plan(args, on_gpu)
-    # one function compiled for every (form, dtype, shape): raise the recompile limit, and fail rather than fall
-    # back to eager silently when it is reached (a 'compiled' row must be compiled)
+    # one function compiled for every combination: raise the recompile limit, and fail rather than fall back to
+    # eager silently when it is reached (a 'compiled' row must be compiled)
     raise_recompile_limit(4 * len(combos) + 16)
     memory = torch.cuda.get_device_properties(device).total_memory if on_gpu else 24 * 2**30
     copy_gbps = copy_bandwidth_gbps(device)
@@ -286,83 +423,83 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"device {base['device_name']}: measured copy bandwidth {copy_gbps:.0f} GB/s; rows -> {folder}/loss.csv")
     rows: list[dict[str, Any]] = []
     args.failures = 0
-    for n, (form, dtype_name, shape) in enumerate(combos):
-        if budget.skip(f"{len(combos) - n} (form, dtype, shape) combination(s) from {form} {dtype_name} {shape} on"):
-            break
-        if estimated_reference_peak(shape) > 0.8 * memory:
-            print(f"{form} {dtype_name} {shape}: skipped, the eager reference would need more memory")
+    compiled = 0
+    for combo, dtype_name in combos:
+        impls = impls_for(combo, args, fused_here)
+        label = f"{combo.subject} {combo.form} {dtype_name} {'x'.join(map(str, combo.shape))}"
+        need = estimate_s(combo, impls, compiled, on_gpu)
+        if args.time_budget is not None and budget.seconds - budget.elapsed() < need:
+            print(f"time budget: skipped {label} (needs ~{need:.0f} s, {budget.seconds - budget.elapsed():.0f} s left)")
             continue
-        rows += run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_gbps)
+        if estimated_reference_peak(combo.shape) > 0.8 * memory:
+            print(f"{label}: skipped, the eager reference would need more memory")
+            continue
+        rows += run_combo(args, device, impls, combo, dtype_name, base, folder, copy_gbps)
+        compiled += sum("compiled" in i for i in impls)
     if args.failures:
         print(f"{args.failures} implementation(s) failed: see the error column of {folder}/loss.csv")
     return rows
 
 
-def measure(args, device, fn, reference, inputs, graphed: bool) -> tuple[float, list[tuple[str, str, Any]]]:
+def measure(args, device, fn, reference, call: Call, graphed: bool) -> tuple[float, list[tuple[str, str, Any]]]:
     """Validate ``fn`` against the eager reference, then time its phases: (max error, [(phase, timing, Timing)])."""
-    error = validate(fn, reference, inputs)
-    calls = phase_calls(fn, inputs)
+    error = validate(fn, reference, call)
+    calls = phase_calls(fn, call)
     timings = []
-    for phase, (call, setup) in calls.items():
+    for phase, (timed, setup) in calls.items():
         if phase in args.phases:
-            timing = time_fn(call, device, warmup=args.warmup, repeats=args.repeats, setup=setup)
+            timing = time_fn(timed, device, warmup=args.warmup, repeats=args.repeats, setup=setup)
             timings.append((phase, "stream", timing))
     if graphed and "fwd+bwd" in args.phases:
         timings.append(("fwd+bwd", "cuda-graph", time_cuda_graph(calls["fwd+bwd"][0], device, repeats=args.repeats)))
     return error, timings
 
 
-def run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_gbps) -> list[dict[str, Any]]:
-    dtype = DTYPES[dtype_name]
-    options = form_options(form, shape[1])
-    inputs = make_inputs(shape, dtype, form, device)
-    moved = bytes_moved(shape, dtype, form)
-    reference = loss_fns(options)["reference"]
-    graphed = device.type == "cuda" and shape[0] * shape[1] * shape[2] <= args.graph_max_elements
+def _where(combo: Combo, dtype_name: str) -> dict[str, Any]:
+    batch, branches, classes = combo.shape
+    return {"subject": combo.subject, "form": combo.form, "shape": "x".join(map(str, combo.shape)), "batch": batch,
+            "branches": branches, "classes": classes, "dtype": dtype_name}  # fmt: skip
+
+
+def _rates(moved: dict, phase: str, seconds: float, copy_gbps: float, fused: bool) -> dict[str, Any]:
+    return {
+        "bytes_min": moved["min"][phase],
+        "gbps": round(moved["min"][phase] / seconds / 1e9, 2),
+        "pct_copy_bw": round(100 * moved["min"][phase] / seconds / 1e9 / copy_gbps, 1),
+        "kernel_bytes": moved["kernel"][phase] if fused else "",
+        "kernel_pct_copy_bw": round(100 * moved["kernel"][phase] / seconds / 1e9 / copy_gbps, 1) if fused else "",
+    }
+
+
+def run_combo(args, device, impls, combo: Combo, dtype_name, base, folder, copy_gbps) -> list[dict[str, Any]]:
+    call = SUBJECTS[combo.subject].make_call(combo.form, combo.shape, DTYPES[dtype_name], device)
+    reference = call.fns["reference"]
+    graphed = device.type == "cuda" and math.prod(combo.shape) <= args.graph_max_elements
     medians: dict[tuple[str, str, str], float] = {}
     rows = []
-    where = {"form": form, "shape": "x".join(map(str, shape)), "batch": shape[0], "branches": shape[1]}
-    where |= {"classes": shape[2], "dtype": dtype_name}
+    where = _where(combo, dtype_name)
     for impl in impls:
         try:
-            error, timings = measure(
-                args, device, make_impl(impl, options, args.compile_backend), reference, inputs, graphed
-            )
+            fn = make_impl(impl, call, args.compile_backend)
+            error, timings = measure(args, device, fn, reference, call, graphed)
         except Exception as failure:  # a failed validation or a crash costs this implementation, not the run
             if type(failure).__name__ == "FailOnRecompileLimitHit":  # a flaw of this benchmark, not of a kernel
                 raise
             traceback.print_exc()
             message = f"{type(failure).__name__}: {failure}"[:500]
             append_row("loss", base | where | {"impl": impl, "error": message}, folder)
-            print(f"{form} {dtype_name} {where['shape']} {impl}: FAILED ({message})", flush=True)
+            print(f"{combo.form} {dtype_name} {where['shape']} {impl}: FAILED ({message})", flush=True)
             args.failures += 1
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         for phase, timing_mode, timing in timings:
             medians[(impl, phase, timing_mode)] = timing.median_ms
-            seconds = timing.median_ms * 1e-3
             fused = impl.startswith("fused")
-            row = (
-                base
-                | where
-                | {
-                    "impl": impl,
-                    "phase": phase,
-                    "timing": timing_mode,
-                    "headline": phase == "fwd+bwd",
-                    **timing.as_row(),
-                    "bytes_min": moved["min"][phase],
-                    "gbps": round(moved["min"][phase] / seconds / 1e9, 2),
-                    "pct_copy_bw": round(100 * moved["min"][phase] / seconds / 1e9 / copy_gbps, 1),
-                    "kernel_bytes": moved["kernel"][phase] if fused else "",
-                    "kernel_pct_copy_bw": round(100 * moved["kernel"][phase] / seconds / 1e9 / copy_gbps, 1)
-                    if fused
-                    else "",
-                    "max_rel_error": error,
-                    "compile_backend": args.compile_backend if "compiled" in impl else "",
-                }
-            )
+            row = base | where | {"impl": impl, "phase": phase, "timing": timing_mode, "headline": phase == "fwd+bwd"}
+            row |= timing.as_row() | _rates(call.moved, phase, timing.median_ms * 1e-3, copy_gbps, fused)
+            row |= {"max_rel_error": error, "compile_backend": args.compile_backend if "compiled" in impl else ""}
+            row["launch"] = call.launch if fused else ""
             for other in ("reference", "compiled"):
                 key = (other, phase, timing_mode)
                 row[f"speedup_vs_{other}"] = round(medians[key] / timing.median_ms, 3) if key in medians else ""
@@ -374,11 +511,166 @@ def run_combo(args, device, impls, form, dtype_name, shape, base, folder, copy_g
                 if other != impl and row[f"speedup_vs_{other}"] != ""
             ]
             print(
-                f"{form:8s} {dtype_name:4s} {row['shape']:>14s} {impl:14s} {phase:7s} {timing_mode:10s} "
+                f"{combo.form:8s} {dtype_name:4s} {row['shape']:>14s} {impl:14s} {phase:7s} {timing_mode:10s} "
                 f"{timing.median_ms:9.4f} ms [{timing.p20_ms:.4f}, {timing.p80_ms:.4f}] {row['gbps']:8.1f} GB/s "
                 f"({row['pct_copy_bw']:5.1f}% copy)  " + "  ".join(ratios),
                 flush=True,
             )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --sweep: the kernels' launch configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SweepCase(NamedTuple):
+    form: str
+    shape: Shape
+    block_c: tuple[int, ...]
+    num_warps: tuple[int, ...]
+
+
+SWEEPS: dict[str, tuple[SweepCase, ...]] = {
+    "headline": (
+        SweepCase("mde", (128, 4, 100), (32, 64, 128), (1, 2, 4, 8)),  # one block per row; how many warps
+        SweepCase("mde", (4096, 4, 32768), (128, 256, 512, 1024), (4, 8, 16)),  # C in chunks: how long a chunk
+    ),
+}
+TINY_SWEEP = (SweepCase("mde", (4, 4, 40), (16, 32), (1, 2)),)
+
+
+def sweep_order(default: tuple[int, int], case: SweepCase) -> list[tuple[int, int]]:
+    """(block_c, num_warps): the heuristic's choice first, then the grid by distance from it (log2 steps)."""
+    grid = {(c, w) for c in case.block_c for w in case.num_warps} | {default}
+
+    def distance(config: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+        return abs(math.log2(config[0] / default[0])) + abs(math.log2(config[1] / default[1])), config
+
+    return sorted(grid, key=distance)
+
+
+def launcher_calls(call: Call, form: str, block_c: int, num_warps: int) -> dict[str, Callable]:
+    """fwd, bwd and fwd+bwd of the online-KD kernels through their host launchers at a forced launch config, with
+    the arguments the op passes (``okdfast.ops.online_kd``); ``state`` keeps the last forward's outputs."""
+    from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
+
+    logits, target, teacher, weights, kd_weight = call.args
+    batch, branches, _ = logits.shape
+    options = form_options(form, branches)
+    kd = kd_weight.detach().reshape(()).to(torch.float32)
+    weight_rows = teacher_weight_layout(weights, batch, branches)[0] if weights is not None else 0
+    rows = weight_rows or (branches if teacher is not None and teacher.dim() == 3 else 1)
+    trained = teacher_is_trained(options, True, rows)
+    needs = (logits.requires_grad, teacher is not None and trained, weights is not None and trained)
+    needs = (needs[0], needs[1] and teacher.requires_grad, needs[2] and weights.requires_grad)
+    z, t = logits.detach(), None if teacher is None else teacher.detach()
+    w = None if weights is None else weights.detach()
+    grad = torch.ones((), dtype=torch.float32, device=logits.device)
+    config = {"block_c": block_c, "num_warps": num_warps}
+    state: dict[str, Any] = {}
+
+    def fwd():
+        state["out"] = online_kd_forward(z, target, t, w, kd, options, weight_rows, **config)
+
+    def bwd():
+        _, summary, stats = state["out"]
+        state["grads"] = online_kd_backward(grad, z, target, t, w, kd, summary, stats, options, weight_rows, needs,
+                                            **config)  # fmt: skip
+
+    def both():
+        fwd()
+        bwd()
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "state": state, "needs": needs}
+
+
+def _new_variants(seen: set[int]) -> dict[str, tuple[Any, Any]]:
+    """(registers, spills) of the forward and backward variants compiled since the last call."""
+    from okdfast.kernels import online_kd as kd_kernels
+
+    out = {}
+    for name, kernel in (("fwd", kd_kernels._online_kd_fwd_kernel), ("bwd", kd_kernels._online_kd_bwd_kernel)):
+        for compiled in compiled_kernels(kernel):
+            if id(compiled) not in seen:
+                seen.add(id(compiled))
+                out[name] = (getattr(compiled, "n_regs", ""), getattr(compiled, "n_spills", ""))
+    return out
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from okdfast.kernels.online_kd import launch_config
+
+    device = torch.device(args.device) if args.device else default_device()
+    if not triton_runs_on(device):
+        print("--sweep: the kernels do not run here (CUDA, or the CPU with TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1)")
+        return []
+    cases = TINY_SWEEP if args.tiny else SWEEPS[args.sweep]
+    dtype_name = (args.dtype or ["bf16"])[0]
+    copy_gbps = copy_bandwidth_gbps(device)
+    base = machine_columns("loss", device) | {"torch_threads": torch.get_num_threads(), "copy_gbps": round(copy_gbps)}
+    folder = results_dir(args.results_dir, args.commit_results)
+    budget = TimeBudget(args.time_budget)
+    seen: set[int] = set()
+    rows: list[dict[str, Any]] = []
+    args.failures = 0
+    for case in cases:
+        call = online_kd_call(case.form, case.shape, DTYPES[dtype_name], device)
+        logits, _, teacher, weights, _ = call.args
+        expected = [call.fns["reference"](*call.args)]
+        expected += torch.autograd.grad(expected[0], call.wrt)
+        rows_kt = teacher_weight_layout(weights, case.shape[0], case.shape[1])[0] if weights is not None else 1
+        _, _, block_c0, warps0 = launch_config(case.shape[1], case.shape[2], rows_kt, weights is not None)
+        graphed = device.type == "cuda" and math.prod(case.shape) <= args.graph_max_elements
+        configs = sweep_order((block_c0, warps0), case)
+        for n, (block_c, num_warps) in enumerate(configs):
+            where = _where(Combo("online_kd", case.form, case.shape), dtype_name)
+            where |= {"impl": "fused-sweep", "block_c": block_c, "num_warps": num_warps, "default_config": n == 0}
+            if args.time_budget is not None and budget.seconds - budget.elapsed() < KERNEL_COMPILE_S + 1:
+                left = ", ".join(f"{c}/{w}" for c, w in configs[n:])
+                print(f"time budget: skipped {case.form} {where['shape']} block_c/num_warps {left}", flush=True)
+                break
+            try:
+                rows += sweep_config(args, device, call, case, expected, graphed, seen, base | where, copy_gbps)
+            except Exception as failure:  # a config that does not compile or validate is a row, not the end
+                message = f"{type(failure).__name__}: {failure}"[:500]
+                append_row("loss", base | where | {"error": message}, folder)
+                print(f"sweep {where['shape']} block_c={block_c} num_warps={num_warps}: FAILED ({message})", flush=True)
+                args.failures += 1
+        del call, expected
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_config(args, device, call, case, expected, graphed, seen, where, copy_gbps) -> list[dict[str, Any]]:
+    fns = launcher_calls(call, case.form, where["block_c"], where["num_warps"])
+    fns["fwd+bwd"]()
+    variants = _new_variants(seen)
+    loss = fns["state"]["out"][0]
+    grads = [g for g in fns["state"]["grads"] if g is not None]
+    error = _worst_error([loss] + grads, expected, call.tolerance)
+    folder = results_dir(args.results_dir, args.commit_results)
+    rows = []
+    for phase in ("fwd+bwd", "fwd", "bwd"):
+        fns["fwd"]()  # the backward reads the statistics of an eager forward (not of a replayed graph's pool)
+        if graphed:
+            timing, mode = time_cuda_graph(fns[phase], device, repeats=args.repeats), "cuda-graph"
+        else:
+            timing, mode = time_fn(fns[phase], device, warmup=args.warmup, repeats=args.repeats), "stream"
+        row = where | {"phase": phase, "timing": mode, "headline": False} | timing.as_row()
+        row |= _rates(call.moved, phase, timing.median_ms * 1e-3, copy_gbps, True) | {"max_rel_error": error}
+        for kernel in ("fwd", "bwd"):
+            registers, spills = variants.get(kernel, ("", ""))
+            row |= {f"{kernel}_registers": registers, f"{kernel}_spills": spills}
+        append_row("loss", row, folder)
+        rows.append(row)
+        print(
+            f"sweep {case.form} {row['shape']:>14s} block_c={where['block_c']:<5d} num_warps={where['num_warps']:<3d} "
+            f"{phase:7s} {mode:10s} {timing.median_ms:9.4f} ms  {row['kernel_pct_copy_bw']:5.1f}% copy (kernel bytes)"
+            f"{'  [default]' if where['default_config'] else ''}",
+            flush=True,
+        )
     return rows
 
 
@@ -389,7 +681,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["phase"] == "fwd+bwd" and r["timing"] == "stream"]
+    rows = [r for r in rows if r["phase"] == "fwd+bwd" and r["timing"] == "stream" and r["impl"] != "fused-sweep"]
     keys = sorted({(r["form"], r["dtype"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3.2 * max(len(keys), 1)), squeeze=False)
@@ -426,9 +718,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Benchmark the fused online-KD loss against its reference.")
-    parser.add_argument("--quick", action="store_true", help="three shapes, form mde")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a fixed plan (gpu_suite.sh)")
+    parser = argparse.ArgumentParser(description="Benchmark the fused loss ops against their reference.")
+    parser.add_argument("--quick", action="store_true", help="every teacher form at 128x4x100, mde at 2 more shapes")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a fixed plan (the GPU visits)")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="the kernels' launch-config sweep")
+    parser.add_argument("--tiny", action="store_true", help="the plan with tiny shapes, eager compile (rehearsal)")
     parser.add_argument("--shapes", nargs="+", default=None, help="BxKxC shapes, e.g. 128x4x100 4096x4x32768")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=None, help="default: mean explicit one mde")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
@@ -439,8 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--graph-max-elements", type=int, default=2**21, help="largest B*K*C timed under CUDA graphs")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds; stop before the next combination")
+    parser.add_argument("--compile-backend", default=None, help="default inductor (--tiny: eager)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; no row starts that would not fit")
     parser.add_argument("--no-plot", action="store_true")
     add_output_arguments(parser)
     return parser
@@ -448,9 +742,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.sweep:
+        rows = sweep(args)
+        print(f"{len(rows)} sweep rows in {time.perf_counter() - start:.0f} s")
+        return 1 if args.failures else 0
     rows = run(args)
     if rows and not args.no_plot:
         png = results_dir(args.results_dir, args.commit_results) / f"loss_{rows[0]['device']}.png"

@@ -16,16 +16,21 @@ Features: compile (torch.compile 'default' of forward + loss), fused (the fused 
 cuda_graphs (okdfast's step graph, CUDA only), fast_loader (the gpu loader), amp (bf16 autocast), channels_last,
 grouped (the K branches as one grouped network, okdfast/models/grouped.py, where MethodConfig has ``branch_impl``).
 
-Rows are measured in priority order (reference, all-on, the leave-one-out rows, base, the add-one rows) and each
-is written to ``<results>/train.csv`` the moment it is measured; ``--time-budget`` stops before a row that would
-start too late (the skipped rows are named), so a suite step always ends with the most important rows.
+Rows are measured in priority order (reference, all-on, the leave-one-out rows, base, the add-one rows; ``--only``
+gives its rows in its own order) and each is written to ``<results>/train.csv`` the moment it is measured.
+``--time-budget``: a row starts only when its estimated time fits in what is left (a compiled row: its first
+compile, ``COMPILE_GUESS_S`` until this run has measured one, then the slowest warm-up measured; an eager row
+``EAGER_GUESS_S``); a row that would not fit is skipped and named, and a cheaper later row may still run, so a GPU
+visit's step always ends with the most important rows that fit. ``warmup_seconds`` in every row is the build and
+the warm-up steps (compiles, graph capture): what a training run pays before its first timed step.
+``--without FEATURE``: those features are never on (a CPU rehearsal without compiling).
 Timing: ``--warmup`` steps first (compilation, autotuning, graph capture), then ``--repeats`` windows of
 ``--steps`` optimizer steps, each timed with a device sync at its ends; the median window gives images/s, with
 p20 / p80. Data: synthetic uint8 arrays of CIFAR-100's shape (100 classes, 32x32); the loaders do the same work on
 them as on CIFAR. Seconds per epoch = 50,000 / images/s.
 
     python -m benchmarks.bench_train                       # every row (GPU: a few minutes, most of it compiling)
-    python -m benchmarks.bench_train --time-budget 130     # the suite's train stage
+    python -m benchmarks.bench_train --only reference all-on all-but-fused --time-budget 180   # a GPU visit's step
     python -m benchmarks.bench_train --quick               # CPU: a few steps per row, ratios only
 """
 
@@ -49,6 +54,8 @@ from okdfast.methods import MethodConfig, create_method
 from okdfast.step import TrainStep, build_optimizer
 
 CIFAR_TRAIN_IMAGES = 50_000
+COMPILE_GUESS_S = 75.0  # a cold compile of the step (forward + loss + backward) on a GPU machine: an estimate
+EAGER_GUESS_S = 20.0  # an eager row: data, build, warm-up and the timed windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +80,9 @@ def features_for(device: torch.device) -> list[str]:
     return names
 
 
-def rows_to_run(device: torch.device) -> list[tuple[str, Features | None]]:
-    """(name, features) in measuring order; None is the reference trainer."""
-    names = features_for(device)
+def rows_to_run(device: torch.device, without: tuple[str, ...] = ()) -> list[tuple[str, Features | None]]:
+    """(name, features) in measuring order; None is the reference trainer. ``without``: features never on."""
+    names = [n for n in features_for(device) if n not in without]
     all_on = Features(**{n: True for n in names})
     base = Features()
     return (
@@ -108,11 +115,13 @@ def sync(device: torch.device) -> None:
 
 def time_windows(
     step_fn: Any, batches: Iterator, device: torch.device, *, warmup: int, steps: int, repeats: int
-) -> list[float]:
-    """Seconds of each window of ``steps`` steps, after ``warmup`` steps."""
+) -> tuple[list[float], float]:
+    """(seconds of each window of ``steps`` steps, seconds of the ``warmup`` steps before them)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step_fn(*next(batches))
     sync(device)
+    warmup_seconds = time.perf_counter() - start
     windows = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -120,7 +129,7 @@ def time_windows(
             step_fn(*next(batches))
         sync(device)
         windows.append(time.perf_counter() - start)
-    return windows
+    return windows, warmup_seconds
 
 
 def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, device: torch.device):
@@ -214,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--train-images", type=int, default=CIFAR_TRAIN_IMAGES)
     parser.add_argument("--quick", action="store_true", help="few steps: for the CPU (ratios only)")
-    parser.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds; no row starts after that")
+    parser.add_argument("--only", nargs="*", help="run only these rows, in this order (names as in the table)")
+    parser.add_argument("--without", nargs="*", default=[], help="features never on (e.g. compile on a CPU)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; no row starts that would not fit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-plot", action="store_true")
     add_output_arguments(parser)
@@ -233,13 +243,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     splits = load_dataset("synthetic", num_classes=100, train_size=args.train_images, test_size=100)
     machine = machine_columns("train", device)
-    plan = [(n, f) for n, f in rows_to_run(device) if not args.only or n in args.only]
+    available = dict(rows_to_run(device, tuple(args.without)))
+    unknown = [n for n in args.only or [] if n not in available]
+    if unknown:
+        print(f"rows not on this device or not known: {', '.join(unknown)} (known: {', '.join(available)})")
+    plan = [(n, available[n]) for n in (args.only or available) if n in available]
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     measured: dict[str, float] = {}
-    for i, (name, features) in enumerate(plan):
-        if budget.skip(f"rows {', '.join(n for n, _ in plan[i:])}"):
-            break
+    warmups: dict[bool, float] = {}  # compiled or not -> the slowest warm-up measured
+    for name, features in plan:
+        compiled = features is not None and features.compile
+        need = warmups.get(compiled, COMPILE_GUESS_S if compiled else EAGER_GUESS_S) + 10.0
+        if args.time_budget is not None and budget.seconds - budget.elapsed() < need:
+            left = budget.seconds - budget.elapsed()
+            print(f"time budget: skipped row {name} (needs ~{need:.0f} s, {left:.0f} s left)", flush=True)
+            continue
         start = time.perf_counter()
         try:
             step_fn, batches = (
@@ -247,7 +266,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if features is None
                 else build_okdfast(features, splits, args, device)
             )
-            windows = time_windows(step_fn, batches, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+            windows, _ = time_windows(
+                step_fn, batches, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats
+            )
+            warmup_seconds = time.perf_counter() - start - sum(windows)  # the build and the warm-up steps
+            warmups[compiled] = max(warmups.get(compiled, 0.0), warmup_seconds)
         except Exception as error:  # one broken row must not cost the others (a GPU visit is one shot)
             traceback.print_exc()
             message = f"{type(error).__name__}: {error}"[:500]
@@ -278,6 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "features": "reference"
             if features is None
             else ",".join(k for k, v in dataclasses.asdict(features).items() if v) or "none",
+            "warmup_seconds": round(warmup_seconds, 1),
             "row_seconds": round(time.perf_counter() - start, 1),
         }
         append_row("train", row, folder)

@@ -89,7 +89,9 @@ def test_bench_loss_rows_are_kept_when_it_is_killed_midway(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method_name", ["one", "mde", "okddip", "cl_ilr", "dml"])
+# MDE trains through its own loss head (okdfast.ops.mde_head, a bench_loss subject of its own); bench_loss's "mde"
+# form stays the two-level (B, K, K) teacher weights with MDE's options, the form OKDDip's layout passes the op
+@pytest.mark.parametrize("method_name", ["one", "okddip", "cl_ilr", "dml"])
 def test_bench_loss_forms_pass_the_options_and_teacher_shapes_the_methods_pass(monkeypatch, method_name):
     import okdfast.methods.base as base
 
@@ -132,12 +134,66 @@ def test_bench_loss_runs_every_default_cpu_shape_without_a_recompile_error(tmp_p
 
 
 def test_bench_loss_validates_before_it_times():
-    options = bench_loss.form_options("mde", 4)
-    inputs = bench_loss.make_inputs((8, 4, 10), torch.float32, "mde", torch.device("cpu"))
-    reference = bench_loss.loss_fns(options)["reference"]
-    assert bench_loss.validate(reference, reference, inputs) == 0.0
+    call = bench_loss.online_kd_call("mde", (8, 4, 10), torch.float32, torch.device("cpu"))
+    reference = call.fns["reference"]
+    assert bench_loss.validate(reference, reference, call) == 0.0
     with pytest.raises(AssertionError, match="validation failed"):
-        bench_loss.validate(lambda *a: reference(*a) * 1.01, reference, inputs)
+        bench_loss.validate(lambda *a: reference(*a) * 1.01, reference, call)
+
+
+def test_bench_loss_plans_are_data_headline_first_and_quick_runs_every_form():
+    """The presets are lists of (subject, form, shape): the headline preset is the targets' two shapes with the
+    implementations they compare; --quick (README: "every teacher form") has every form; a subject is registered."""
+    headline = bench_loss.PRESETS["headline"].combos
+    first = [(c.subject, c.form, c.shape) for c in headline[:2]]
+    assert first == [("online_kd", "mde", shape) for shape in bench_loss.HEADLINE_SHAPES]
+    assert all({"reference", "compiled", "fused"} <= set(c.impls) for c in headline)
+    assert {c.form for c in bench_loss.QUICK} == set(bench_loss.FORMS)
+    args = bench_loss.build_parser().parse_args(["--quick"])
+    assert {combo.form for combo, _ in bench_loss.plan(args, on_gpu=True)} == set(bench_loss.FORMS)
+    forms = bench_loss.PRESETS["forms"].combos
+    assert {c.form for c in forms if c.shape in bench_loss.HEADLINE_SHAPES} == set(bench_loss.FORMS)
+    for preset in bench_loss.PRESETS.values():
+        for combo in preset.combos:
+            assert combo.subject in bench_loss.SUBJECTS and combo.form in bench_loss.SUBJECTS[combo.subject].forms
+    tiny = bench_loss.plan(bench_loss.build_parser().parse_args(["--preset", "headline", "--tiny"]), on_gpu=False)
+    assert all(combo.shape[0] <= 8 and combo.shape[2] <= 40 for combo, _ in tiny)
+
+
+def test_bench_loss_time_budget_counts_first_compiles():
+    combo = bench_loss.Combo("online_kd", "mde", (128, 4, 100))
+    cold = bench_loss.estimate_s(combo, ["reference", "compiled", "fused"], 0, on_gpu=True)
+    warm = bench_loss.estimate_s(combo, ["reference", "compiled", "fused"], 1, on_gpu=True)
+    assert cold >= bench_loss.COLD_COMPILE_S > warm - bench_loss.WARM_COMPILE_S
+    assert bench_loss.estimate_s(combo, ["reference"], 0, on_gpu=True) < bench_loss.WARM_COMPILE_S
+
+
+def test_sweep_starts_at_the_heuristics_choice_and_covers_the_grid():
+    case = bench_loss.SWEEPS["headline"][0]
+    order = bench_loss.sweep_order((128, 4), case)
+    assert order[0] == (128, 4) and len(order) == len(set(order))
+    assert set(order) == {(c, w) for c in case.block_c for w in case.num_warps} | {(128, 4)}
+    distances = [abs(c.bit_length() - 8) + abs(w.bit_length() - 3) for c, w in order]
+    assert distances == sorted(distances)  # nearest neighbours first: a cut sweep still brackets the default
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="starts its own interpreter process")
+def test_sweep_rows_validate_every_config_in_the_interpreter(tmp_path):
+    """--sweep --tiny through the real launchers (Triton's interpreter on the CPU): a row per config and phase, the
+    heuristic's config first and marked, every config validated against the reference."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OKDFAST_FORCE_TRITON="1")
+    command = [sys.executable, "-m", "benchmarks.bench_loss", "--sweep", "headline", "--tiny", "--device", "cpu"]
+    command += ["--repeats", "1", "--warmup", "0", "--results-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = _rows(tmp_path / "loss.csv")
+    configs = list(dict.fromkeys((r["block_c"], r["num_warps"]) for r in rows))
+    (case,) = bench_loss.TINY_SWEEP
+    assert len(configs) == len({(c, w) for c in case.block_c for w in case.num_warps} | {configs[0]})
+    assert rows[0]["default_config"] == "True" and all(r["default_config"] == "False" for r in rows[3:])
+    assert {r["phase"] for r in rows} == {"fwd+bwd", "fwd", "bwd"} and all(r["impl"] == "fused-sweep" for r in rows)
+    assert all(float(r["max_rel_error"]) <= 2e-2 and r["median_ms"] for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +210,26 @@ def test_reference_trainer_is_eager_and_trains_the_methods_own_loss():
     optimizer = torch.optim.SGD(method.parameters(), lr=0.0)
     got = reference_step(method, optimizer, images, labels, 1.0, torch.nn.CrossEntropyLoss(), KLLoss(3.0))
     torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_train_only_keeps_its_order_and_the_budget_skips_what_cannot_finish(tmp_path, monkeypatch, capsys):
+    """--only measures its rows in its own order; under --time-budget a compiled row that cannot finish its first
+    compile in the time left is skipped by name, and a cheaper row after it still runs."""
+    timed: list[str] = []
+
+    def fake_build(features, splits, args, device):
+        timed.append(",".join(k for k, v in vars(features).items() if v))
+        return (lambda images, labels: None), iter(lambda: (torch.zeros(1), torch.zeros(1)), None)
+
+    monkeypatch.setattr(bench_train, "build_okdfast", fake_build)
+    monkeypatch.setattr(bench_train, "COMPILE_GUESS_S", 1e6)
+    argv = ["--device", "cpu", "--arch", "resnet8", "--train-images", "64", "--steps", "1", "--repeats", "1"]
+    argv += ["--warmup", "0", "--no-plot", "--results-dir", str(tmp_path), "--time-budget", "100"]
+    rows = bench_train.main(argv + ["--only", "base+amp", "all-on", "okdfast-base"])
+    assert [r["row"] for r in rows] == ["base+amp", "okdfast-base"]
+    assert "skipped row all-on" in capsys.readouterr().out
+    assert all(float(r["warmup_seconds"]) >= 0 for r in rows)
+    assert not dict(bench_train.rows_to_run(torch.device("cpu"), ("compile",)))["all-on"].compile
 
 
 def test_bench_train_rows_leave_each_feature_out_and_add_each_in():
@@ -193,3 +269,88 @@ def test_compile_report_uses_the_specialisation_of_a_real_launch():
     assert "stride_zc=1" in forward["specialization"]  # the unit stride is a constant, as at a CUDA launch
     assert "z_ptr" in forward["specialization"].split("div16")[1]  # 16-byte aligned logits
     assert forward["pointers"].startswith("bf16") and forward["spill_bytes"] <= compile_kernels.SPILL_LIMIT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the full-size run's data: a decoded data set keeps its provenance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _jpeg_npz(path: Path, train: int = 6, test: int = 3) -> Path:
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", train), ("test", test)):
+        blobs = []
+        for _ in range(n):
+            buffer = BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            blobs.append(buffer.getvalue())
+        arrays[f"jpeg_{split}"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"offsets_{split}"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        arrays[f"y_{split}"] = np.arange(n) % 10
+    np.savez(path, **arrays)
+    return path
+
+
+def test_a_decoded_data_set_keeps_its_provenance_in_every_run_record(tmp_path):
+    """full_run decodes the JPEG archive into a pixel npz: loading that file must still say lossy, partial (fewer
+    images than the official splits) and which file it came from, in the provenance every run record carries."""
+    from benchmarks import full_run
+    from okdfast.assemble import data_record
+    from okdfast.data import load_dataset
+    from okdfast.data.provenance import sha256_of
+
+    source = _jpeg_npz(tmp_path / "my-jpegs.npz")
+    decoded = full_run.decode(tmp_path / "data", source, limit=4)
+    splits = load_dataset("cifar10", tmp_path / "data")
+    provenance = splits.provenance
+    assert decoded == tmp_path / "data" / "cifar10.npz" and len(splits.train) == 4 and len(splits.test) == 3
+    assert provenance.lossy and provenance.partial and not provenance.official
+    assert provenance.derived_from == "my-jpegs.npz" and provenance.source_sha256 == sha256_of(source)
+    assert "decoded from my-jpegs.npz" in provenance.label and "lossy" in provenance.label
+    record = data_record(splits)  # what summary.json 'data' and config.yaml 'data_file' hold
+    assert record["lossy"] and record["partial"] and record["derived_from"] == "my-jpegs.npz"
+
+
+def test_a_pixel_npz_without_a_record_is_described_as_before(tmp_path):
+    import numpy as np
+
+    from okdfast.data.provenance import describe, embedded
+
+    path = tmp_path / "plain.npz"
+    np.savez(path, x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=np.zeros(2, np.int64))
+    assert embedded(path) is None
+    provenance = describe(path, "cifar10", 50000, 10000)
+    assert provenance.official and provenance.derived_from is None and provenance.label == "CIFAR-10"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU test tier's plugin: compile-heavy tests last, a row per test as it finishes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gpu_tier_plugin_orders_compile_heavy_last_and_writes_each_result(tmp_path):
+    tests = tmp_path / "test_tier.py"
+    tests.write_text(
+        "import pytest\n"
+        "def test_compile_the_step(): pass\n"
+        "def test_kernel_a(): pass\n"
+        "def test_cuda_graph_replay(): assert False\n"
+        "def test_kernel_b(): pytest.skip('no device')\n"
+    )
+    env = dict(os.environ, OKDFAST_RESULTS_DIR=str(tmp_path / "out"), OKDFAST_RUN_ID="visit2-x")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command += ["-p", "benchmarks.gpu_checks.pytest_rows", str(tests), "--rootdir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout  # the one failing test
+    rows = _rows(tmp_path / "out" / "gpu_tests.csv")
+    names = [r["test"].rpartition("::")[2] for r in rows]
+    assert names == ["test_kernel_a", "test_kernel_b", "test_compile_the_step", "test_cuda_graph_replay"]
+    assert [r["outcome"] for r in rows] == ["passed", "skipped", "passed", "failed"]
+    assert rows[1]["message"].endswith("no device") and all(r["run_id"] == "visit2-x" for r in rows)
+    assert [r["compile_heavy"] for r in rows] == ["False", "False", "True", "True"]

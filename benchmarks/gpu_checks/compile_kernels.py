@@ -43,10 +43,10 @@ QUICK_CASES = [(form, "bf16", shape) for shape in bench_loss.HEADLINE_SHAPES for
 
 
 def default_cases() -> list[tuple[str, str, tuple[int, int, int]]]:
-    """(form, dtype, shape): what gpu_suite.sh's kernels stage benchmarks (bench_loss --preset suite, bf16), plus
-    fp32 and DML's peer mode at the CIFAR headline shape."""
+    """(form, dtype, shape): what ``bench_loss --preset suite`` benchmarks (bf16), plus fp32 and DML's peer mode at
+    the CIFAR headline shape."""
     preset = bench_loss.PRESETS["suite"]
-    cases = [(form, dtype, shape) for dtype in preset["dtypes"] for form, shape in preset["combos"]]
+    cases = [(c.form, dtype, c.shape) for dtype in preset.dtypes for c in preset.combos if c.subject == "online_kd"]
     return cases + [("mde", "fp32", (128, 4, 100)), ("dml", "fp32", (128, 4, 100)), ("dml", "bf16", (128, 5, 100))]
 
 
