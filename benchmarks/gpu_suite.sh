@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The staged GPU suite (benchmarks/GPU.md): one stage per command on a CUDA machine with only its own torch and
-# triton (no network, no installs), results packed into OUT_DIR/<stage>.tar.gz and OUT_DIR/<stage>.txt.
+# The GPU visits (benchmarks/GPU.md): one command each on a CUDA machine with only its own torch and triton (no
+# network, no installs), every row appended to a CSV in OUT_DIR as it is measured, OUT_DIR/summary.txt rewritten
+# after every step, at most 8 files in OUT_DIR.
 #
-#   bash benchmarks/gpu_suite.sh check   "$OUT"     # ~6 min: device facts, kernels vs reference, compile report, GPU tests
-#   bash benchmarks/gpu_suite.sh kernels "$OUT"     # ~6 min: bench_loss, bench_loader (+ bench_branches)
-#   bash benchmarks/gpu_suite.sh train   "$OUT"     # ~8 min: bench_train, then MDE ResNet-32 K=4 on full CIFAR-10
-#   bash benchmarks/gpu_suite.sh --dry-run STAGE    # the plan: what would run, with which limits; writes nothing
-#   bash benchmarks/gpu_suite.sh --list             # every stage's plan
+#   bash benchmarks/gpu_suite.sh visit1 "$OUT"      # <= 520 s: the headline numbers, most valuable first (= visit)
+#   bash benchmarks/gpu_suite.sh visit2 "$OUT"      # <= 520 s: every kernel case and teacher form, loaders, GPU tests
+#   bash benchmarks/gpu_suite.sh visit3 "$OUT"      # <= 520 s: CUDA defaults, a short real-data run, ablations
+#   bash benchmarks/gpu_suite.sh --dry-run VISIT    # the plan: steps, limits, what each limit holds, files back
+#   bash benchmarks/gpu_suite.sh --cpu VISIT DIR    # the rehearsal on a CPU: every step with tiny shapes
 #
 # The runner is benchmarks/suite.py (standard library only); $PYTHON picks the interpreter (default python3).
 set -uo pipefail
