@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="paper (300 epochs, step lr) | short (30, cosine) | small (cifar10-small); default: the table's own",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every cell")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every cell (default: the table's)")
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce/<table>_<schedule>)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the table's methods")
     parser.add_argument("--archs", default=None, help="comma-separated subset of the table's architectures")
@@ -141,10 +141,13 @@ def plan_text(
         groups = {key: [r for r in runs if (r.method, r.arch) == key] for key in {(r.method, r.arch): 0 for r in runs}}
         num_classes = image_counts(catalog, table, runs[0])[2]
         report = lambda message: print(message, file=sys.stderr, flush=True)
-        speed_of = SpeedBook(probe=probe, probe_seconds=probe_seconds).speeds(groups, num_classes, report)
+        book = SpeedBook(probe=probe, probe_seconds=probe_seconds, reference_dirs=table.speed_run_dirs)
+        speed_of = book.speeds(groups, num_classes, report)
+        load_seconds = float(catalog.datasets.get(table.sizes_key, {}).get("load_seconds", 0.0))
         for run in runs:
             train, test, _ = image_counts(catalog, table, run)
-            seconds[run.index] = run_seconds(run, speed_of.get((run.method, run.arch)), train, test)
+            speed = speed_of.get((run.method, run.arch))
+            seconds[run.index] = run_seconds(run, speed, train, test, load_seconds=load_seconds)
     header = f"{'#':>3}  {'seed':>4}  {'method':12s} {'arch':14s} {'status':9s} {'epochs':>9s}"
     if estimate:
         header += f"  {'img/s':>8s}  {'estimate':>14s}  {'done by':>14s}  speed source"
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.table:
         parser.error("--table is required (python -m okdfast.reproduce --list-tables)")
-    if args.seeds < 1 or args.jobs < 1:
+    if (args.seeds is not None and args.seeds < 1) or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
     try:
         table = catalog.table(args.table)
@@ -229,20 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as error:
         parser.error(str(error.args[0]))
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / f"{table.name}_{schedule.name}"
+    seeds = args.seeds if args.seeds is not None else table.seeds
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()] if text else None
     try:
         runs = build_plan(
             catalog,
             table,
             schedule,
-            seeds=list(range(args.seeds)),
+            seeds=list(range(seeds)),
             out=out,
             extra_args=extra,
             methods=split(args.methods),
             archs=split(args.archs),
         )
         # results.md always shows the whole table; --methods/--archs only choose what runs now
-        whole = build_plan(catalog, table, schedule, seeds=list(range(args.seeds)), out=out, extra_args=extra)
+        whole = build_plan(catalog, table, schedule, seeds=list(range(seeds)), out=out, extra_args=extra)
     except ValueError as error:
         parser.error(str(error))
     command = shlex.join(["python", "-m", "okdfast.reproduce", *argv])

@@ -3,6 +3,10 @@
 Where the speed comes from, in this order (the plan names the source of every row):
 1. ``runs``: earlier runs of the same (method, arch) in the output folder: the median images/s of their finished
    epochs (metrics.jsonl), as measured by the training loop itself.
+1b. ``speed_runs`` (a table's folders of earlier runs, e.g. benchmarks/results/cifar10-small): the same median over
+   the runs of the same method and arch found there (by their config.yaml); ``speed_runs x FLOPs``: such runs of
+   another method on the same arch give the FLOP rate on it, scaled as in 3. These speeds were measured on the
+   machine that trained those runs.
 2. ``probe``: a short timed probe, now: the method's forward + loss + backward + SGD step on random tensors of
    the data set's shape (no data is loaded), warm-up steps, then timed steps for about ``probe_seconds``; the
    speed is the batch over the median step time. Eager mode, the run's AMP and channels-last settings; no
@@ -13,21 +17,25 @@ Where the speed comes from, in this order (the plan names the source of every ro
    FlopCounterMode on the meta device (exact counts of the conv/linear work; the heads' elementwise work and
    memory-bound layers are not counted, so it leans optimistic for methods with heavier heads).
 
-A run's time = remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up. The test
-pass is forward-only, about a third of a training step's work per image (an assumption, not a measurement).
+A run's time = remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up + the data
+set's load time (``load_seconds`` in the tables file: decoding a JPEG data set). The test pass is forward-only,
+about a third of a training step's work per image (an assumption, not a measurement).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from okdfast.config import TrainConfig
 from okdfast.reproduce.plan import PlannedRun
@@ -58,22 +66,61 @@ def device_label(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _epoch_speeds(run_dir: Path) -> list[float]:
+    """images/s of each finished epoch of a run folder (metrics.jsonl), [] without one."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [r["images_per_sec"] for r in read_rows(metrics) if not r.get("partial") and r.get("images_per_sec")]
+
+
 def measured_speed(runs: list[PlannedRun]) -> Speed | None:
     """Median images/s over the finished epochs of these run folders (the same method and arch)."""
     values: list[float] = []
     names = []
     for run in runs:
-        metrics = run.run_dir / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = read_rows(metrics)
-        speeds = [r["images_per_sec"] for r in rows if not r.get("partial") and r.get("images_per_sec")]
+        speeds = _epoch_speeds(run.run_dir)
         if speeds:
             values += speeds
             names.append(run.name)
     if not values:
         return None
     return Speed(statistics.median(values), "runs", f"median of {len(values)} epochs of {', '.join(names)}")
+
+
+@dataclass
+class ReferenceRuns:
+    """The runs of one (method, arch) in a table's ``speed_runs`` folders, with their stored K."""
+
+    method: str
+    arch: str
+    branches: int | None
+    speeds: list[float]
+    names: list[str]
+
+    @property
+    def images_per_sec(self) -> float:
+        return statistics.median(self.speeds)
+
+    def detail(self) -> str:
+        return f"median of {len(self.speeds)} epochs of {len(self.names)} runs ({', '.join(self.names[:3])}...)"
+
+
+def reference_runs(folders: list[Path]) -> dict[tuple[str, str], ReferenceRuns]:
+    """(method, arch) -> the finished epochs' speeds of the runs under ``folders`` (each run: a sub-folder with
+    config.yaml and metrics.jsonl, of any name)."""
+    found: dict[tuple[str, str], ReferenceRuns] = {}
+    for folder in folders:
+        for config_file in sorted(Path(folder).glob("*/config.yaml")):
+            stored = yaml.safe_load(config_file.read_text()) or {}
+            speeds = _epoch_speeds(config_file.parent)
+            if not speeds or "method" not in stored or "arch" not in stored:
+                continue
+            key = (str(stored["method"]), str(stored["arch"]))
+            entry = found.setdefault(key, ReferenceRuns(key[0], key[1], stored.get("branches"), [], []))
+            entry.speeds += speeds
+            entry.names.append(f"{Path(folder).name}/{config_file.parent.name}")
+    return found
 
 
 def settings_key(config: TrainConfig, num_classes: int, batch: int, device: torch.device) -> str:
@@ -162,10 +209,37 @@ class SpeedBook:
     probe per arch, of its method with the fewest FLOPs; the other methods' speeds scaled by their FLOPs per
     training image, counted), 'none' (stored speeds only), 'auto' (all on CUDA, arch on the CPU)."""
 
-    def __init__(self, *, probe: str = "auto", probe_seconds: float | None = None) -> None:
+    def __init__(
+        self, *, probe: str = "auto", probe_seconds: float | None = None, reference_dirs: list[Path] | None = None
+    ) -> None:
         self.cache: dict[str, dict[str, Any]] = {}  # this process's probes; a dry run writes nothing
         self.probe = probe
         self.probe_seconds = probe_seconds
+        self.references = reference_runs(list(reference_dirs or []))
+
+    def _from_references(self, config: TrainConfig, num_classes: int) -> Speed | None:
+        """The speed of the speed_runs of this method and arch, or of another method on the arch scaled by counted
+        FLOPs (the one closest in FLOPs); None when no such run has this arch."""
+        same = self.references.get((config.method, config.arch))
+        if same is not None:
+            return Speed(same.images_per_sec, "speed_runs", same.detail())
+        others = [r for (_, arch), r in self.references.items() if arch == config.arch]
+        if not others:
+            return None
+        flops = training_flops_per_image(config, num_classes)
+        other_flops = {
+            r.method: training_flops_per_image(dataclasses.replace(config, method=r.method, branches=r.branches),
+                                               num_classes)
+            for r in others
+        }  # fmt: skip
+        ref = min(others, key=lambda r: abs(math.log(other_flops[r.method] / flops)))
+        rate = ref.images_per_sec * other_flops[ref.method]
+        return Speed(
+            rate / flops,
+            "speed_runs x FLOPs",
+            f"{ref.method} {ref.arch}: {ref.detail()}, {rate / 1e9:.1f} GFLOP/s / {flops / 1e9:.2f} GFLOP per training "
+            "image (counted)",
+        )
 
     def _probe(self, config: TrainConfig, num_classes: int, settings: str, report: Callable[[str], None]) -> Speed:
         report(f"probing the training speed of {config.method} {config.arch} ...")
@@ -197,6 +271,8 @@ class SpeedBook:
                 out[key] = measured
             elif all(run.status == "finished" for run in runs):
                 out[key] = None
+            elif (committed := self._from_references(config, num_classes)) is not None:
+                out[key] = committed
             else:
                 todo[key] = (config, settings)
         mode = self.probe
@@ -226,15 +302,18 @@ class SpeedBook:
         return out
 
 
-def run_seconds(run: PlannedRun, speed: Speed | None, train_images: int, test_images: int) -> float:
-    """Estimated seconds to finish ``run`` (0 when finished; NaN without a speed)."""
+def run_seconds(
+    run: PlannedRun, speed: Speed | None, train_images: int, test_images: int, *, load_seconds: float = 0.0
+) -> float:
+    """Estimated seconds to finish ``run`` (0 when finished; NaN without a speed); ``load_seconds``: the data set's
+    load time at each start (decoding a JPEG set), beside the fixed start-up."""
     if run.status == "finished":
         return 0.0
     if speed is None:
         return math.nan
     remaining = max(run.config.epochs - run.epochs_done, 0)
     per_epoch = train_images / speed.images_per_sec + test_images / (EVAL_SPEEDUP * speed.images_per_sec)
-    return STARTUP_SECONDS + remaining * per_epoch
+    return STARTUP_SECONDS + load_seconds + remaining * per_epoch
 
 
 def format_duration(seconds: float) -> str:

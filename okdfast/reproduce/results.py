@@ -7,6 +7,9 @@ mean of the branches' softmax), at the last epoch; mean ± sample std over the f
 sets the last epoch against the best epoch of each run (the best branch-mean test accuracy over the epochs, the
 number some papers report; it picks the epoch on the test set, so the last epoch is the honest one). The seeds
 of a cell are pooled only when their stored configs are equal in everything but the seed (okdfast.recipe).
+A table that declares ``paired`` comparisons also gets the section "Paired per-image comparisons" in results.md
+and their numbers in paired.csv (one row per comparison: okdfast.reproduce.paired), from each run's
+predictions.npz; the README block then states the resolution they measured.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import yaml
 
 from okdfast.recipe import pooling_differences, pooling_key
+from okdfast.reproduce import paired
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
 from okdfast.utils.atomic_files import atomic_write_text
@@ -184,6 +188,28 @@ def _pool_equal_configs(result: CellResult) -> None:
     result.finished = kept
 
 
+def paired_comparisons(table: Table, results: list[CellResult]) -> list[paired.Comparison]:
+    """The table's declared comparisons (every arch, pair and column), Holm-adjusted over the table; [] if none."""
+    if table.paired is None:
+        return []
+    cells = {(r.cell.method, r.cell.arch): r for r in results}
+    seed_runs = lambda result: [
+        paired.SeedRun(r.run.seed, r.run.run_dir, r.summary, r.run.config.method) for r in result.finished
+    ]
+    comparisons = []
+    for arch in table.archs:
+        for row_a, row_b in table.paired.row_pairs(table.methods):
+            for column in table.paired.columns:
+                a, b = cells.get((row_a, arch)), cells.get((row_b, arch))
+                if a is None or b is None:
+                    missing = row_a if a is None else row_b
+                    comparisons.append(paired.Comparison(row_a, row_b, arch, column, f"{missing}: not planned"))
+                    continue
+                comparisons.append(paired.compare(row_a, row_b, arch, column, seed_runs(a), seed_runs(b)))
+    paired.adjust(comparisons)
+    return comparisons
+
+
 # ------------------------------------------------------------------------------------------------------ formatting
 def _num(mean: float | None, std: float | None) -> str:
     if mean is None:
@@ -320,7 +346,9 @@ def results_markdown(
     base: Path,
     command: str,
     plots: list[Path] | None = None,
+    comparisons: list[paired.Comparison] | None = None,
 ) -> str:
+    """results.md; ``comparisons``: the table's paired comparisons when already computed (else computed here)."""
     source_numbers = _source_numbers(results)
     cites = {ref.source: ref.cite for r in results for ref in r.cell.references}
     finished = sum(len(r.finished) for r in results)
@@ -338,6 +366,8 @@ def results_markdown(
         "",
     ]
     lines += data_lines(results)
+    if table.description:
+        lines += [f"Design: {table.description}", ""]
     lines += [
         f"Schedule **{schedule.name}**: {schedule.description}",
         "",
@@ -352,6 +382,9 @@ def results_markdown(
     lines += [f"- {line}" for line in _provenance(results)]
     if table.notes or _provenance(results):
         lines.append("")
+    if table.paired is not None:
+        comparisons = paired_comparisons(table, results) if comparisons is None else comparisons
+        lines += paired.markdown_lines(comparisons, catalog.label)
     for plot in plots or []:
         lines += [f"![{plot.stem}]({Path(os.path.relpath(plot, base)).as_posix()})", ""]
     return "\n".join(lines)
@@ -416,17 +449,31 @@ def write_results(
     command: str,
     plots: list[Path] | None = None,
 ) -> tuple[Path, Path]:
+    """results.md and results.csv (and paired.csv when the table declares paired comparisons) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out / "results.md", out / "results.csv"
+    comparisons = paired_comparisons(table, results)
     # Replaced atomically, like a run's files: a kill during a report never leaves half a table.
-    markdown = results_markdown(table, schedule, results, catalog, base=out, command=command, plots=plots)
+    markdown = results_markdown(
+        table, schedule, results, catalog, base=out, command=command, plots=plots, comparisons=comparisons
+    )
     atomic_write_text(md_path, markdown)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(results_csv_rows(table, schedule, results))
-    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, _csv_text(CSV_FIELDS, results_csv_rows(table, schedule, results)))
+    if table.paired is not None:
+        rows = paired.csv_rows(comparisons, table.name, schedule.name)
+        atomic_write_text(out / PAIRED_CSV, _csv_text(paired.CSV_FIELDS, rows))
     return md_path, csv_path
+
+
+PAIRED_CSV = "paired.csv"
+
+
+def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------- README
@@ -449,6 +496,9 @@ def readme_block(
         "",
     ]
     lines += [f"[{n}] {cites[k]}" + "  " for k, n in source_numbers.items()]
+    if table.paired is not None:
+        lines += [line for line in paired.resolution_lines(paired_comparisons(table, results)) if line]
+        lines[-1] += " (paired per-image comparisons: results.md)  "
     out_rel = Path(os.path.relpath(out, base)).as_posix()
     details = _link("results.md", out / "results.md", base) if any(r.finished for r in results) else "`results.md`"
     lines += [

@@ -3,7 +3,9 @@
 A table is a grid (rows x architectures on one data set) with, per cell, the reference numbers docs/METHOD.md gives
 and the source each comes from. A cell without one says why ("not in docs/METHOD.md"). A row is a method, or a variant:
 a method with other flags (an ablation such as MDE without its FFM), defined once under ``variants``. A table may
-name the data file it trains on (``data_file``: a partial or lossy set is never mistaken for the official one).
+name the data file it trains on (``data_file``: a partial or lossy set is never mistaken for the official one), the
+pairs of rows whose per-image predictions results.md compares (``paired``: okdfast/reproduce/paired.py), its number
+of seeds, and a folder of earlier runs whose measured speeds estimate its time (``speed_runs``).
 Nothing here runs anything.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "paper_tables.yaml"
+REPO = Path(__file__).resolve().parents[2]  # speed_runs folders are relative to the repository
 NOT_IN_METHOD = "not in docs/METHOD.md"
 
 
@@ -61,6 +64,21 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Paired:
+    """The paired per-image comparisons of a table: every row against ``reference``, then the explicit ``pairs``
+    (row A, row B: the difference is A - B), each in every one of ``columns`` (okdfast.reproduce.paired)."""
+
+    columns: tuple[str, ...] = ("ensemble",)
+    reference: str | None = None
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def row_pairs(self, rows: list[str]) -> list[tuple[str, str]]:
+        """(A, B) in order: the reference against each other row (table order), then the explicit pairs not yet in."""
+        out = [(self.reference, row) for row in rows if self.reference is not None and row != self.reference]
+        return out + [pair for pair in self.pairs if pair not in out]
+
+
+@dataclass(frozen=True)
 class Schedule:
     name: str
     description: str
@@ -81,6 +99,14 @@ class Table:
     test_only: bool = False
     data_file: str | None = None  # a file of the data set to train on, looked up in --data-dir (None: the standard)
     default_schedule: str = "paper"  # the schedule when --schedule is not given
+    description: str = ""  # the design and why (results.md prints it)
+    paired: Paired | None = None  # the paired per-image comparisons results.md reports (None: none)
+    seeds: int = 3  # seeds 0..N-1 of every cell when --seeds is not given
+    speed_runs: tuple[str, ...] = ()  # folders of runs (repository-relative) whose images/s estimate this table's
+
+    @property
+    def speed_run_dirs(self) -> list[Path]:
+        return [REPO / folder for folder in self.speed_runs]
 
     @property
     def sizes_key(self) -> str:
@@ -177,6 +203,10 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
             test_only=bool(t.get("test_only", False)),
             data_file=t.get("data_file"),
             default_schedule=t.get("default_schedule", "paper"),
+            description=" ".join(str(t.get("description", "")).split()),
+            paired=_paired(t.get("paired"), list(t["methods"]), f"{path}: table {name}"),
+            seeds=int(t.get("seeds", 3)),
+            speed_runs=tuple(t.get("speed_runs", [])),
         )
         unknown_rows = [m for m in t["methods"] if m not in variants and not _is_method(m)]
         if unknown_rows:
@@ -192,6 +222,36 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         path=path,
         variants=variants,
     )
+
+
+def _paired(entry: dict[str, Any] | None, rows: list[str], where: str) -> Paired | None:
+    """The table's ``paired`` entry, checked: its rows are the table's, its columns known (paired.is_column)."""
+    from okdfast.reproduce.paired import NAMED_COLUMNS, is_column
+
+    if not entry:
+        return None
+    unknown_keys = sorted(set(entry) - {"columns", "reference", "pairs"})
+    if unknown_keys:
+        raise ValueError(f"{where}: paired: unknown keys {unknown_keys} (columns, reference, pairs)")
+    paired = Paired(
+        columns=tuple(entry.get("columns", ["ensemble"])),
+        reference=entry.get("reference"),
+        pairs=tuple(tuple(pair) for pair in entry.get("pairs", [])),  # type: ignore[misc]
+    )
+    named = [paired.reference] if paired.reference is not None else []
+    for pair in paired.pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ValueError(f"{where}: paired: pair {list(pair)} is not two different rows")
+        named += pair
+    unknown = sorted({row for row in named if row not in rows})
+    if unknown:
+        raise ValueError(f"{where}: paired: {unknown} are not rows of the table")
+    bad = [c for c in paired.columns if not is_column(c)]
+    if bad:
+        raise ValueError(f"{where}: paired: unknown columns {bad}; use {', '.join(NAMED_COLUMNS)} or branch_<k>")
+    if not paired.row_pairs(rows):
+        raise ValueError(f"{where}: paired: no pairs (give a reference row or pairs)")
+    return paired
 
 
 def _is_method(name: str) -> bool:
