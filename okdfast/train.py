@@ -28,6 +28,7 @@ from okdfast.checkpointing import RunState, check_same_data, data_fingerprint
 from okdfast.checkpointing import restore_checkpoint as restore_from_payload
 from okdfast.config import TrainConfig, parse_config
 from okdfast.data import build_data_loaders, load_dataset
+from okdfast.data.locate import download_by_default
 from okdfast.epoch import epoch_row, format_row, merge_sums, train_one_epoch
 from okdfast.errors import EXIT_USER_ERROR, UserError
 from okdfast.evaluation import evaluate
@@ -79,6 +80,8 @@ def run(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]
     dist_info, device = setup_distributed(config.device)
     try:
         start = plan_start(config, explicit, writer=dist_info.is_main)
+        if explicit is not None and "download" not in explicit:  # the CLI, told neither --download nor --no-download
+            start.config.download = download_by_default(start.config.dataset, start.config.data_dir)
         training = set_up(start, dist_info, device)
         progress = RunProgress.of(training)  # the ETA, each epoch's time, the last line; says where TensorBoard is
         with StopRequested() as stop:

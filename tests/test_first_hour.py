@@ -5,13 +5,22 @@ Training runs are tiny (synthetic, resnet8, a few dozen images, one thread)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import pickle
+import tarfile
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 
 from okdfast import progress
 from okdfast.config import parse_config
+from okdfast.data import cifar, locate
 from okdfast.progress import EpochProgress, RunClock, end_line, format_duration
 from okdfast.train import main, run
 
@@ -164,3 +173,146 @@ def test_tensorboard_says_where_it_writes_and_gets_per_step_terms_once_after_a_r
     assert steps == [20, 40]  # each once: the resumed session's first window holds its 15 steps
     assert {"train_step/ce", "train_step/kd"} <= set(accumulator.Tags()["scalars"])
     assert "tensorboard/" in train_log(run_dir)[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 4: the main command fetches a missing CIFAR (mocked network: a local archive served through torchvision's own
+# downloader, its progress bar and its md5 checks); offline it fails at once with one message
+# ---------------------------------------------------------------------------------------------------------------
+CIFAR_RUN = ["--dataset", "cifar10", "--arch", "resnet8", "--method", "one", "--subset", "20", "--batch-size", "10",
+             "--epochs", "1", "--eval-batch-size", "100", "--workers", "0", "--progress", "off",
+             "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture
+def fresh_machine(tmp_path, monkeypatch) -> Path:
+    """A user's home with no data anywhere, in an empty working directory; returns the cache folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(locate.ENV_VAR, raising=False)
+    monkeypatch.delenv(locate.NO_DOWNLOAD_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home" / ".cache" / "okdfast" / "data"
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def cifar10_archive(tmp_path: Path, per_batch: int = 10) -> tuple[Path, dict[str, str]]:
+    """A tiny cifar-10-python.tar.gz in the official layout, and the md5 of each of its files."""
+    folder = tmp_path / "archive" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), "labels": list(range(per_batch))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive, {path.name: md5(path) for path in folder.iterdir()}
+
+
+class Response(io.BytesIO):
+    """What urlopen returns for an HTTP GET: the body, its length, the final URL."""
+
+    def __init__(self, body: bytes, url: str) -> None:
+        super().__init__(body)
+        self.length, self.url = len(body), url
+
+
+@pytest.fixture
+def served_cifar10(tmp_path, monkeypatch) -> Path:
+    """The network, mocked at urlopen: the official URL serves a tiny archive, whose checksums torchvision's CIFAR10
+    is told; the host probe passes. The archive is returned (to damage it)."""
+    archive, sums = cifar10_archive(tmp_path)
+    cls = torchvision.datasets.CIFAR10
+    served: list[str] = []
+
+    def urlopen(request, *args, **kwargs):
+        served.append(request.full_url)
+        assert request.full_url == cls.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
+        return Response(archive.read_bytes(), request.full_url)
+
+    monkeypatch.setattr(torchvision.datasets.utils.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive))
+    monkeypatch.setattr(cls, "train_list", [[name, sums[name]] for name in sorted(sums) if name.startswith("data_")])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", sums["test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {"filename": "batches.meta", "key": "label_names", "md5": sums["batches.meta"]})
+    probed: list[str] = []
+    monkeypatch.setattr(cifar, "check_host_reachable", lambda url, timeout=10.0: probed.append(url))
+    return archive
+
+
+def test_download_rules():
+    assert locate.download_by_default("cifar100", None) and locate.download_by_default("CIFAR-10", None)
+    assert not locate.download_by_default("cinic10", None)  # ~690 MB from another host: only with --download
+    assert not locate.download_by_default("cifar10", "my/data")  # a named folder without it: a wrong path
+    cache = Path(locate.CACHE_DIR).expanduser()
+    assert locate.download_root(locate.search_roots(None)) == cache
+    assert locate.download_root(locate.search_roots("elsewhere")) == Path("elsewhere")
+
+
+def test_download_rules_follow_the_environment(monkeypatch):
+    monkeypatch.delenv(locate.ENV_VAR, raising=False)
+    for value, downloads in (("1", False), ("yes", False), ("0", True), ("", True)):
+        monkeypatch.setenv(locate.NO_DOWNLOAD_ENV_VAR, value)
+        assert locate.download_by_default("cifar10", None) is downloads, value
+    monkeypatch.delenv(locate.NO_DOWNLOAD_ENV_VAR)
+    monkeypatch.setenv(locate.ENV_VAR, "/srv/data")
+    assert not locate.download_by_default("cifar10", None)
+    assert locate.download_root(locate.search_roots(None)) == Path("/srv/data")
+
+
+def test_the_main_command_downloads_a_missing_cifar_into_the_cache(fresh_machine, served_cifar10, capsys, tmp_path):
+    main([*CIFAR_RUN, "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    searched = f"{tmp_path / 'data'}, {fresh_machine}"
+    assert f"okdfast: data set 'cifar10' is in none of {searched}: downloading it into {fresh_machine} (" in out
+    assert "100%" in err  # torchvision's progress bar
+    assert (fresh_machine / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert not (tmp_path / "data").exists()  # ./data is searched, the download goes to the cache
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and str(fresh_machine) in summary["data"]["path"]
+    main([*CIFAR_RUN, "--out", str(tmp_path / "again")])  # found in the cache: no second download
+    assert "downloading" not in capsys.readouterr().out
+
+
+def test_a_download_that_fails_its_checksum_is_one_message(fresh_machine, served_cifar10, capsys, tmp_path):
+    served_cifar10.write_bytes(served_cifar10.read_bytes()[:-100])  # a cut download
+    with pytest.raises(SystemExit) as exit_info:
+        main([*CIFAR_RUN, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "okdfast.train: error: data set 'cifar10' not found." in err
+    assert "Download failed: RuntimeError: File not found or corrupted." in err  # the md5 of the archive
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["--no-download", "OKDFAST_NO_DOWNLOAD=1", "offline"])
+def test_offline_or_told_not_to_it_fails_at_once_with_one_message(how, fresh_machine, capsys, tmp_path, monkeypatch):
+    probed: list[str] = []
+
+    def offline(url, timeout=10.0):  # what check_host_reachable raises on a machine without a network
+        probed.append(url)
+        raise OSError("cannot reach www.cs.toronto.edu:443: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "check_host_reachable", offline)
+    argv = [*CIFAR_RUN, "--out", str(tmp_path / "run")]
+    if how == "--no-download":
+        argv.append(how)
+    elif how.startswith("OKDFAST"):
+        monkeypatch.setenv(locate.NO_DOWNLOAD_ENV_VAR, "1")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and not (tmp_path / "run").exists()
+    assert err.startswith("okdfast.train: error: data set 'cifar10' not found.")
+    assert "--dataset synthetic" in err and str(fresh_machine) in err
+    if how == "offline":
+        assert len(probed) == 1 and "Download failed: OSError: cannot reach www.cs.toronto.edu:443" in err
+    else:
+        assert probed == [] and "Download failed" not in err and "pass --download" in err

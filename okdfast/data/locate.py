@@ -1,4 +1,5 @@
-"""Where data sets are looked for, how a missing one is reported, and the network guard of the downloads.
+"""Where data sets are looked for, where a download goes, how a missing one is reported, and the network guard of
+the downloads.
 
 Search order (the first place that holds the data set wins):
 
@@ -6,9 +7,13 @@ Search order (the first place that holds the data set wins):
 2. else ``$OKDFAST_DATA`` (one folder, or several joined by ``os.pathsep``);
 3. else ``./data`` (relative to the working directory) then ``~/.cache/okdfast/data``.
 
-``download=True`` downloads into the first folder of that list. Every network step has a timeout of
-``NETWORK_TIMEOUT_S`` seconds (name resolution included, which ignores socket timeouts and therefore runs in a
-daemon thread), so an offline machine fails in seconds with :class:`DatasetNotFoundError`, never hangs.
+A download goes into :func:`download_root`: ``data_dir`` when given, else the first folder of ``$OKDFAST_DATA``,
+else the cache folder ``~/.cache/okdfast/data``. The training CLI downloads a missing CIFAR-10/100 by itself
+(:func:`download_by_default`) when it was told nowhere else to look (no ``--data-dir``, no ``$OKDFAST_DATA``);
+``--no-download`` or ``OKDFAST_NO_DOWNLOAD=1`` keep it offline, ``--download`` asks for any data set anywhere.
+Every network step has a timeout of ``NETWORK_TIMEOUT_S`` seconds (name resolution included, which ignores socket
+timeouts and therefore runs in a daemon thread), so an offline machine fails in seconds with
+:class:`DatasetNotFoundError`, never hangs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from pathlib import Path
 from okdfast.errors import UserError
 
 ENV_VAR = "OKDFAST_DATA"
-DEFAULT_DIRS = ("./data", "~/.cache/okdfast/data")
+NO_DOWNLOAD_ENV_VAR = "OKDFAST_NO_DOWNLOAD"  # 1: the CLI never downloads unless --download is given
+CACHE_DIR = "~/.cache/okdfast/data"
+DEFAULT_DIRS = ("./data", CACHE_DIR)
+# What the CLI fetches by itself when it is missing: the data sets torchvision downloads with a progress bar and
+# checks against their md5 (CINIC-10, ~690 MB from another host, only with --download).
+DOWNLOADED_BY_DEFAULT = ("cifar10", "cifar100")
 NETWORK_TIMEOUT_S = 10.0
 
 
@@ -43,6 +53,24 @@ def search_roots(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     if env.strip():
         return [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
     return [Path(p).expanduser() for p in DEFAULT_DIRS]
+
+
+def download_root(roots: Sequence[Path]) -> Path:
+    """The folder a download into ``roots`` (:func:`search_roots`' list) goes to: the cache folder for the default
+    list, else its first folder (``data_dir``, or the first of ``$OKDFAST_DATA``)."""
+    if list(roots) == [Path(p).expanduser() for p in DEFAULT_DIRS]:
+        return Path(CACHE_DIR).expanduser()
+    return roots[0] if roots else Path(CACHE_DIR).expanduser()
+
+
+def download_by_default(dataset: str, data_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether the training CLI, given neither ``--download`` nor ``--no-download``, fetches a missing ``dataset``:
+    CIFAR-10/100, when nothing names where the data lies (no ``data_dir``, no ``$OKDFAST_DATA``: a named folder
+    that lacks it is more likely a wrong path than a wish to download) and ``$OKDFAST_NO_DOWNLOAD`` is not set."""
+    if os.environ.get(NO_DOWNLOAD_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    name = dataset.lower().replace("-", "").replace("_", "")
+    return name in DOWNLOADED_BY_DEFAULT and data_dir is None and not os.environ.get(ENV_VAR, "").strip()
 
 
 def dedupe(paths: Sequence[Path]) -> list[Path]:
@@ -68,9 +96,12 @@ def not_found(
     lines += [f"  {p.absolute()}" for p in tried]
     lines.append("Expected layout (any one of), inside a data folder <dir>:")
     lines += [f"  {layout}" for layout in layouts]
-    first = roots[0].absolute() if roots else Path(DEFAULT_DIRS[0]).absolute()
+    first = download_root(roots).absolute()
     if reason:
-        fetch = f"retry --download with network access (it downloads into {first}), or fetch the files yourself"
+        fetch = (
+            f"retry with network access (--download fetches it into {first}; {NO_DOWNLOAD_ENV_VAR}=1 or "
+            "--no-download fail at once instead), or fetch the files yourself"
+        )
     else:
         fetch = f"pass --download (load_dataset(..., download=True)) to fetch it into {first}"
     lines.append(

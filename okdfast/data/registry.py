@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from okdfast.data.arrays import ArrayDataset
-from okdfast.data.locate import DatasetNotFoundError, search_roots
+from okdfast.data.locate import DatasetNotFoundError, dedupe, download_root, search_roots
 from okdfast.data.provenance import DataProvenance
 from okdfast.data.stats import RGB
 from okdfast.errors import ConfigError, DataError
@@ -102,7 +102,8 @@ def load_dataset(
     """Load the data set ``name`` into memory.
 
     data_dir: where to look (default: ``$OKDFAST_DATA``, else ``./data`` then ``~/.cache/okdfast/data``).
-    download: fetch a missing data set into the first of those folders (network steps time out after 10 s).
+    download: fetch a data set that is in none of them into ``data_dir``, else the first folder of ``$OKDFAST_DATA``,
+        else ``~/.cache/okdfast/data`` (``okdfast.data.locate.download_root``); network steps time out after 10 s.
     subset: keep a seeded, class-stratified ``subset`` training images and ``subset // 5`` test images.
     seed: seeds the subset draw and the synthetic generator.
     options: passed to the builder (``include_valid=True`` for ``cinic10``; ``num_classes``, ``train_size``,
@@ -116,8 +117,23 @@ def load_dataset(
     if key not in builders:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     roots: list[Path] = search_roots(data_dir)
+
+    def build(where: list[Path], fetch: bool) -> DatasetSplits:
+        return DATASETS[builders[key]](where, download=fetch, seed=seed, **options)
+
     try:
-        splits = DATASETS[builders[key]](roots, download=download, seed=seed, **options)
+        try:
+            splits = build(roots, False)
+        except DatasetNotFoundError:
+            if not download:
+                raise
+            target, searched = download_root(roots), ", ".join(str(root.absolute()) for root in roots)
+            print(
+                f"okdfast: data set {builders[key]!r} is in none of {searched}: downloading it into {target} (progress "
+                "below; the archive and the files checked against their checksums)",
+                flush=True,
+            )
+            splits = build(dedupe([target, *roots]), True)  # the target first: the builders fetch into roots[0]
     except DatasetNotFoundError:
         raise
     except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
