@@ -111,7 +111,7 @@ def reference_step(
     for i in range(num_aux):
         for j in range(i + 1, num_aux):
             cd = cd + torch.linalg.matrix_norm(weights[i].t() @ weights[j])
-    loss = loss_true + consistency_weight * loss_group + method.config.resolved_cd_weight * cd
+    loss = loss_true + consistency_weight * loss_group + method.cd_weight * cd
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import re
+import reprlib
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 import yaml
 
 from okdfast.errors import ConfigError
-from okdfast.recipe import DERIVED_KEYS
+from okdfast.recipe import DERIVED_KEYS, SESSION_FIELDS
 
 
 @dataclass
@@ -55,7 +59,7 @@ class TrainConfig:
     rampup_epochs: float | None = None  # L of w(e); None: 80 epochs per 300 (scaled to --epochs)
     detach_teacher: bool | None = None  # None: each method's reference-code default
     cd_weight: float | None = None  # lambda_CD of mde; None: the --cd-form's default (methods/mde.py)
-    cd_form: str = "nontarget_corr"  # nontarget_corr | frobenius | abscos | cos2: mde's CD (docs/METHOD.md section 3)
+    cd_form: str = "frobenius"  # nontarget_corr | frobenius | abscos | cos2: mde's CD (docs/METHOD.md section 3)
     ffm: str = "on"  # on | off: mde's FFM target (off: the mean of the auxiliary branches, an ablation)
     ffm_input: str = "sum"  # sum | concat | sum+logits | concat+logits | logits: what mde's FFM reads
     ffm_temperature: float = 1.0  # tau of mde's FFM attention softmax
@@ -143,6 +147,9 @@ class TrainConfig:
         at_least("subset", 5, " (N training and N/5 test images)")
         at_least("data_seed", 0)
         at_least("seed", 0)
+        for name in ("seed", "data_seed"):  # torch, numpy and the loaders' generators take 64-bit seeds
+            if getattr(self, name) >= 2**63:
+                bad(name, getattr(self, name), "must be below 2^63 (9223372036854775808): seeds are 64-bit integers")
         at_least("workers", 0)
         at_least("nan_check_every", 1)
         at_least("max_steps", 1)
@@ -194,6 +201,11 @@ class TrainConfig:
             bad("device", self.device, "use auto, cpu, cuda or cuda:N")
         if self.resume is not None and not self.resume.strip():
             bad("resume", self.resume, "use auto (the run folder's last.pt) or the path of a checkpoint")
+        for name in ("out", "data_dir"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                default = "runs/<method>_<arch>_<dataset>_k<K>_s<seed>" if name == "out" else "$OKDFAST_DATA, ./data"
+                bad(name, getattr(self, name), f"an empty path: name a folder, or leave the flag out for the "
+                    f"default ({default})")  # fmt: skip
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             bad("out", self.out, "is a file; --out names the run folder (a new or an existing run's folder)")
         if not self.best_metric.startswith("acc_"):
@@ -281,10 +293,29 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_SHOW_CHARS = 80  # the most of one value a message prints
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 6, 6, 40, 40
+
+
+def shorten(text: str, limit: int = _SHOW_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out: no message prints a whole value."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 def _show(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return " ".join(_show(v) for v in value)
-    return repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
+    """A value as a message shows it: flags' spelling for numbers, words and short lists; bounded for anything."""
+    if isinstance(value, list | tuple) and len(value) <= 20 and all(_is_plain(v) for v in value):
+        return shorten(" ".join(_show(v) for v in value))
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"(an integer of {value.bit_length()} bits)"
+    if isinstance(value, str):
+        return shorten(repr(value) if not value or " " in value else value)
+    return shorten(str(value)) if _is_plain(value) else _REPR.repr(value)
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def _type_problem(value: Any, annotation: str) -> str | None:
@@ -397,41 +428,74 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text else super()._get_help_string(action)
 
 
+# --help shows the flags in these groups, in this order (a field in none of them lands in "other").
+HELP_GROUPS = {
+    "model": ("arch", "branches"),
+    "data": ("dataset", "data_dir", "download", "subset", "data_seed"),
+    "method": ("method", "temperature", "alpha", "rampup_epochs", "detach_teacher", "cd_weight", "cd_form", "ffm",
+               "ffm_input", "ffm_temperature", "ffm_targets", "target_ce", "detach_leader_target", "label_smoothing"),
+    "optimisation": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
+                     "lr_schedule", "seed"),
+    "speed": ("device", "amp", "channels_last", "compile", "cuda_graphs", "fused_loss", "optimizer_impl",
+              "branch_impl", "sync_bn", "loader", "workers", "eval_batch_size", "deterministic", "nan_check_every"),
+    "run folder": ("out", "resume", "best_metric", "max_steps"),
+    "logging": ("progress", "log_every", "tensorboard"),
+}  # fmt: skip
+
+
+def program_name() -> str:
+    """How the user started the CLI: ``okdfast-train`` (the console script) or ``python -m okdfast.train``."""
+    script = Path(sys.argv[0] if sys.argv else "").name == "okdfast-train"
+    return "okdfast-train" if script else "python -m okdfast.train"
+
+
 class _Parser(argparse.ArgumentParser):
-    """A usage error is the message and a pointer to --help, not the 40-line usage of every flag."""
+    """A usage error is the message and a pointer to --help, not the 40-line usage of every flag; an unknown flag
+    gets the nearest known one."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n(all flags: {self.prog} --help)\n")
+        found = re.match(r"unrecognized arguments: (.*)", message)
+        if found:
+            flags = [o for a in self._actions for o in a.option_strings]
+            near = {w: difflib.get_close_matches(w.split("=")[0], flags, n=1) for w in found.group(1).split()}
+            hints = [f"{word.split('=')[0]}: did you mean {match[0]}?" for word, match in near.items() if match]
+            message += f" ({'; '.join(hints)})" if hints else ""
+        self.exit(2, f"{self.prog}: error: {shorten(message, 600)}\n(all flags: {self.prog} --help)\n")
 
 
 def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     """The CLI. ``explicit_only``: no defaults at all, so the parsed namespace holds only the flags given."""
     parser = _Parser(
-        prog="python -m okdfast.train",
+        prog=program_name(),
+        usage="%(prog)s [--config FILE] [--FLAG VALUE ...]  (the flags by group below)",
         description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
         formatter_class=_DefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if explicit_only else None,
     )
     parser.add_argument(
-        "--config", help="YAML file of config values, keys as the flags' names (flags override it; default: none)"
-    )
+        "--config", help="YAML file of config values, keys as the flags' names (flags override it; a run's own "
+        "config.yaml starts a new run with its recipe; default: none)"
+    )  # fmt: skip
     parser.add_argument("--list-archs", action="store_true", help="print the registered architectures and exit")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    groups = {title: parser.add_argument_group(title) for title in [*HELP_GROUPS, "other"]}
+    group_of = {name: groups[title] for title, names in HELP_GROUPS.items() for name in names}
     for f in dataclasses.fields(TrainConfig):
+        group = group_of.get(f.name, groups["other"])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         options: dict[str, Any] = {"help": _HELP.get(f.name, f.name.replace("_", " "))}
         if not explicit_only:
             options["default"] = None if f.type == "bool | None" else default
         if f.name in ("amp", "compile"):
             const = "auto" if f.name == "amp" else "default"
-            parser.add_argument(_flag(f.name), nargs="?", const=const, **options)
+            group.add_argument(_flag(f.name), nargs="?", const=const, **options)
         elif f.type in ("bool", "bool | None"):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **options)
         elif f.name == "milestones":
-            parser.add_argument(_flag(f.name), type=float, nargs="+", **options)
+            group.add_argument(_flag(f.name), type=float, nargs="+", **options)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            parser.add_argument(_flag(f.name), type=kind, **options)
+            group.add_argument(_flag(f.name), type=kind, **options)
     return parser
 
 
@@ -439,39 +503,242 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
 # 'off' (--ffm off, --amp off, --progress off) a boolean there means that word.
 _WORD_FOR_BOOL = {True: "on", False: "off"}
 
+# What a YAML file okdfast reads may hold. A config is two levels deep and the tables file about seven, so these
+# bounds only stop files built to exhaust the reader (a "billion laughs" of nested aliases, lists nested 5,000 deep).
+YAML_MAX_BYTES = 4 << 20
+YAML_MAX_DEPTH = 32  # nesting levels
+YAML_MAX_NODES = 100_000  # values, every alias expanded
+_STR = "tag:yaml.org,2002:str"
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+class _YamlRefused(Exception):
+    def __init__(self, problem: str, mark: Any = None) -> None:
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags) that refuses nesting deeper than YAML_MAX_DEPTH and duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > YAML_MAX_DEPTH:
+                raise _YamlRefused(f"nested deeper than {YAML_MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[str, Any] = {}
+        for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    lines = f"lines {seen[key.value].line + 1} and {key.start_mark.line + 1}"
+                    raise _YamlRefused(f"key {shorten(key.value)!r} appears twice ({lines}): keep one", key.start_mark)
+                seen[key.value] = key.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.ScalarNode):
+        return []
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return list(node.value)
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a node graph whose aliases expand to more than YAML_MAX_NODES values, or that contains itself.
+    Iterative: a chain of aliases can be deeper than Python's recursion limit."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[id(node)] > YAML_MAX_NODES:
+                raise _YamlRefused(f"its aliases expand to more than {YAML_MAX_NODES:,} values (a file built to "
+                                   "exhaust the reader?); write the values out instead", node.start_mark)  # fmt: skip
+        elif id(node) in open_nodes:
+            raise _YamlRefused("an alias refers to the value that holds it (an endless value)", node.start_mark)
+        elif id(node) not in size:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
+# Plain (unquoted) scalars that YAML 1.1, which PyYAML reads, and YAML 1.2 read differently: (pattern, the tags
+# PyYAML gives them, the message, how to write the value so that both read the number meant).
+_YAML11_SURPRISES = [
+    (r"[-+]?(\.\d+|\d+(\.\d*)?)[eE][-+]?\d+", (_STR,),
+     "YAML 1.1 reads {v} as a string, not a number: write {fix} (a dot in the mantissa)"),
+    (r"[-+]?0[0-7_]+", _NUMBERS[:1],
+     "YAML 1.1 reads a number with a leading 0 as octal ({v} is {read}): write {fix} (or quote it for a string)"),
+    (r"[-+]?\d[\d_]*(:[0-5]?\d)+(\.\d*)?", _NUMBERS,
+     "YAML 1.1 reads {v} as the base-60 number {read}: write {read}, or quote it for a string"),
+    (r"[-+]?[\d.]*_[\d_.]*([eE][-+]?\d+)?", _NUMBERS,
+     "YAML 1.1 reads {v} as {read} and YAML 1.2 as a string: write {fix}"),
+]  # fmt: skip
+
+
+def _yaml11_fix(value: str) -> str:
+    if re.fullmatch(_YAML11_SURPRISES[0][0], value):
+        mantissa, exponent = re.split("[eE]", value)
+        return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
+    sign = value[0] if value[0] in "+-" else ""
+    return sign + (value.lstrip("+-").replace("_", "").lstrip("0") or "0")
+
+
+def _check_yaml11(root: Any, loader: yaml.SafeLoader) -> None:
+    """Refuse the plain scalars of _YAML11_SURPRISES (``lr: 1e-3`` is a string in YAML 1.1, ``epochs: 010`` is 8)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(_children(node))
+        if not isinstance(node, yaml.ScalarNode) or node.style is not None:  # quoted: the string it says
+            continue
+        for pattern, tags, message in _YAML11_SURPRISES:
+            if node.tag in tags and re.fullmatch(pattern, node.value):
+                read = loader.construct_object(node)
+                problem = message.format(v=node.value, read=read, fix=_yaml11_fix(node.value))
+                raise _YamlRefused(problem, node.start_mark)
+
+
+def _at(mark: Any) -> str:
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def _yaml_text(data: bytes, where: str) -> str:
+    """The text of a YAML file: UTF-8 only (a BOM is dropped), so a file is read the same everywhere."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        what = "UTF-16 text" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "not text (it holds NUL bytes)"
+        raise ConfigError(f"{where}: is {what}; okdfast reads YAML files as UTF-8: save it as UTF-8")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        byte = f"byte 0x{data[error.start]:02x} at offset {error.start}"
+        raise ConfigError(f"{where}: is not UTF-8 text ({byte}: Latin-1, or not text?); save it as UTF-8") from None
+
+
+def read_yaml(path: str | Path, where: str, *, strict_numbers: bool = False) -> Any:
+    """The value of a YAML file okdfast reads (a --config, a run's config.yaml, a tables file), or a ConfigError
+    naming ``where``: UTF-8 text, PyYAML's safe loader (no Python tags), nesting, size and alias expansion bounded,
+    no duplicate keys, and with ``strict_numbers`` no plain scalar that YAML 1.1 and 1.2 read differently."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(YAML_MAX_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot be read ({error.strerror or error})") from None
+    if len(data) > YAML_MAX_BYTES:
+        raise ConfigError(f"{where}: is larger than {YAML_MAX_BYTES >> 20} MiB, which no okdfast YAML file is")
+    loader = _BoundedLoader(_yaml_text(data, where))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        if strict_numbers:
+            _check_yaml11(node, loader)
+        return loader.construct_document(node)
+    except _YamlRefused as refused:
+        raise ConfigError(f"{where}{_at(refused.mark)}: {refused.problem}") from None
+    except yaml.YAMLError as error:
+        problem = shorten(str(getattr(error, "problem", None) or error))
+        tag = re.search(r"tag:yaml\.org,2002:(python/[^'\s]*)", str(error))
+        if tag:
+            problem = f"!!{shorten(tag.group(1), 60)} is refused: okdfast reads plain values, never Python objects"
+        mark = getattr(error, "problem_mark", None)
+        raise ConfigError(f"{where}: not valid YAML{_at(mark)}: {problem}") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: a value cannot be read ({shorten(str(error), 120)})") from None
+    finally:
+        loader.dispose()
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The config values of a YAML file, keys as field names (``batch-size`` and ``batch_size`` alike). Their types
-    and ranges are checked with the rest by :meth:`TrainConfig.validate`."""
-    try:
-        with open(path) as handle:
-            values = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"--config {path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    except OSError as error:
-        raise ConfigError(f"--config {path}: cannot be read ({error.strerror or error})") from None
+    """The config values of a YAML file, keys as field names (``batch-size`` and ``batch_size`` alike, but not
+    both). A run's own config.yaml is a config too: its derived keys (okdfast.recipe.DERIVED_KEYS) and its session
+    fields (where it wrote, how far it went) are left out. Types and ranges are checked by
+    :meth:`TrainConfig.validate`."""
+    where = f"--config {path}"
+    values = read_yaml(path, where, strict_numbers=True)
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of config keys, got {type(values).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of config keys, got a {type(values).__name__}")
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(types))
+    own_run = any(key in DERIVED_KEYS for key in values)  # a run folder's config.yaml
+    spelled: dict[str, str] = {}
+    config: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: the key {_show(key)} is not a name; keys are the flags' names")
+        name = key.replace("-", "_")
+        if name in spelled:
+            raise ConfigError(f"{where}: sets {name} twice (as {spelled[name]} and {shorten(key)}): keep one")
+        spelled[name] = key
+        if not (own_run and (name in DERIVED_KEYS or name in SESSION_FIELDS)):
+            config[name] = value
+    unknown = [name for name in config if name not in types]
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {unknown}; known keys: {sorted(types)}")
-    for name, value in values.items():
+        listed = ", ".join(_unknown_key(name, types) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ConfigError(f"{where}: unknown key {listed}{more}; the keys are the flags' names (--help lists them)")
+    for name, value in config.items():
         if isinstance(value, bool) and types[name].removesuffix(" | None") == "str":
-            values[name] = _WORD_FOR_BOOL[value]
-    return values
+            config[name] = _WORD_FOR_BOOL[value]
+    return config
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+def _unknown_key(name: str, known: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"{shorten(name)!r}" + (f" (did you mean {match[0]}?)" if match else "")
+
+
+# Fields only some methods read: for any other method the flag does nothing, and parse_config says so.
+KD_FIELDS = ("temperature", "alpha", "rampup_epochs", "detach_teacher")  # read by every method that distils
+NO_KD_METHODS = ("baseline", "independent")  # cross-entropy only
+MDE_FIELDS = ("cd_weight", "cd_form", "ffm", "ffm_input", "ffm_temperature", "ffm_targets", "target_ce",
+              "detach_leader_target")  # fmt: skip
+
+
+def ignored_flags(config: TrainConfig, given: Iterable[str]) -> str | None:
+    """One line naming the ``given`` fields that do nothing for ``config.method`` (None when every one acts)."""
+    given = set(given)
+    mde_only = [n for n in MDE_FIELDS if n in given and config.method != "mde"]
+    kd_only = [n for n in KD_FIELDS if n in given and config.method in NO_KD_METHODS]
+    if not mde_only and not kd_only:
+        return None
+    mde_named = ", ".join(map(_flag, mde_only)) if kd_only else ("it" if len(mde_only) == 1 else "them")
+    why = ([f"only mde reads {mde_named}"] if mde_only else []) + (
+        [f"{config.method} trains with cross-entropy only, no distillation"] if kd_only else []
+    )
+    flags = ", ".join(map(_flag, mde_only + kd_only))
+    one = len(mde_only + kd_only) == 1
+    return f"{flags} {'does' if one else 'do'} nothing for --method {config.method} ({'; '.join(why)}): drop " + (
+        "it" if one else "them"
+    )
+
+
+def parse_config(
+    argv: list[str] | None = None, *, note: Callable[[str], None] | None = None
+) -> tuple[TrainConfig, argparse.Namespace]:
     """Command line (and optional YAML) -> validated TrainConfig, plus the raw namespace for the --list flags.
 
     The namespace's ``explicit`` is the set of fields the command line or the YAML file set (a resumed run compares
-    those with its stored config)."""
+    those with its stored config). ``note`` gets the one-line warning about flags that do nothing for the method
+    (default: printed to stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, unknown flags and unparsable values exit here with status 2
     given = vars(build_parser(explicit_only=True).parse_args(argv))
@@ -491,4 +758,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
         source = f" (set in {args.config})" if name in from_yaml and name not in given else ""
         parser.error(f"{error}{source}")  # exits with status 2 and the usage line, not a traceback
     args.explicit = set(from_yaml) | set(given)
+    unused = ignored_flags(config, args.explicit)
+    if unused:
+        (note or (lambda line: print(f"{parser.prog}: warning: {line}", file=sys.stderr, flush=True)))(unused)
     return config, args

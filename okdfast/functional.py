@@ -10,10 +10,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from okdfast.ops.classifier_diversity import classifier_diversity_loss as _classifier_diversity_loss
+from okdfast.ops.mde_head import mde_head
+from okdfast.ops.mde_head_options import MDEHeadOptions, MDEHeadTerms
 from okdfast.ops.online_kd import online_kd
 from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms
 
-__all__ = ["classifier_diversity_loss", "online_kd_loss", "online_kd_loss_and_terms"]
+__all__ = [
+    "classifier_diversity_loss",
+    "mde_head_loss",
+    "mde_head_loss_and_terms",
+    "online_kd_loss",
+    "online_kd_loss_and_terms",
+]
 
 
 def online_kd_loss(
@@ -126,3 +134,71 @@ def classifier_diversity_loss(weights: Tensor, form: str = "frobenius", *, eps: 
     for float64 weights), differentiable (the pure-PyTorch reference: a few kilobytes, no kernel of its own).
     """
     return _classifier_diversity_loss(weights, form, eps=eps)
+
+
+def mde_head_loss(
+    logits: Tensor,
+    target: Tensor,
+    attention_logits: Tensor,
+    *,
+    temperature: float = 3.0,
+    attention_temperature: float = 1.0,
+    target_ce_weight: float = 1.0,
+    kd_weight: float | Tensor = 1.0,
+    cd_weight: float = 1.0,
+    detach_target: bool = False,
+    detach_leader_target: bool = True,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """MDE's whole per-sample loss (Li et al., ACCV 2020; docs/METHOD.md section 3) from the branch logits and the
+    FFM's attention logits: the attention softmax, the auxiliaries' target(s), the leader's mean, every CE and KL
+    term and the prediction-space CD.
+
+    Args:
+        logits: (B, K, C) branch logits, the K-1 auxiliaries first and the group leader last; K = 3..8, C >= 3.
+        target: (B,) int64 class ids; rows equal to ``ignore_index`` contribute nothing.
+        attention_logits: the FFM's output before its softmax: (B, K-1) for one target shared by the auxiliaries,
+            (B, K-1, K-1) for one target per auxiliary. Its gradient is returned (the FFM learns through it).
+        temperature: T of the distillation softmax and of the CD's probabilities.
+        attention_temperature: tau, a = softmax(attention_logits / tau).
+        target_ce_weight, kd_weight, cd_weight: the weights below; ``kd_weight`` may be a one-element tensor (a
+            ramp-up: no recompile, no host sync).
+        detach_target: no gradient into the first-level KL targets; detach_leader_target: none into the leader's.
+
+    Per non-ignored row b, with target_i = sum_j a_ij z_j (the same for every i with a shared target):
+
+        L_b = sum_k CE(z_k, y) + target_ce_weight * mean_targets CE(target, y)
+            + kd_weight * T^2 [sum_i KL(p^T(target_i) || p^T(z_i)) + KL(p^T(mean_i z_i) || p^T(z_leader))]
+            + cd_weight * mean_{i<j} corr(non-target p^T(z_i), non-target p^T(z_j))
+
+    Reduction as :func:`online_kd_loss`. Float32 (float64 for float64 inputs).
+    """
+    loss, _ = mde_head_loss_and_terms(
+        logits,
+        target,
+        attention_logits,
+        temperature=temperature,
+        attention_temperature=attention_temperature,
+        target_ce_weight=target_ce_weight,
+        kd_weight=kd_weight,
+        cd_weight=cd_weight,
+        detach_target=detach_target,
+        detach_leader_target=detach_leader_target,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return loss
+
+
+def mde_head_loss_and_terms(
+    logits: Tensor, target: Tensor, attention_logits: Tensor, *, kd_weight: float | Tensor = 1.0, **options
+) -> tuple[Tensor, MDEHeadTerms]:
+    """:func:`mde_head_loss` and its unweighted terms ``MDEHeadTerms(ce, target_ce, kd, cd)`` averaged over the
+    non-ignored rows, detached (``cd`` is reported even at cd_weight 0). ``options``: the other keywords of
+    :func:`mde_head_loss` (the fields of :class:`okdfast.ops.MDEHeadOptions`)."""
+    weight_tensor = kd_weight if isinstance(kd_weight, Tensor) else None
+    opts = MDEHeadOptions(kd_weight=1.0 if weight_tensor is not None else kd_weight, **options)
+    return mde_head(logits, target, attention_logits, opts, weight_tensor)

@@ -196,7 +196,7 @@ def nontarget_corr_by_hand(aux, target, temperature):
 def test_mde_prediction_space_cd_by_hand():
     """The default CD form: lambda * the mean over samples of the auxiliaries' non-target correlation; the leader
     is not in it and gets none of its gradient; it is logged as aux_corr whatever the form."""
-    method = mde(cd_weight=0.3, target_ce=0.0)
+    method = mde(cd_weight=0.3, target_ce=0.0, cd_form="nontarget_corr")
     torch.manual_seed(7)
     logits = torch.randn(6, 4, 10, requires_grad=True)
     target = torch.randint(0, 10, (6,))

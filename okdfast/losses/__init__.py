@@ -1,5 +1,5 @@
 """``nn.Module`` forms of okdfast's fused losses (the functions are in :mod:`okdfast.functional`)."""
 
-from okdfast.losses.online_kd import ClassifierDiversityLoss, OnlineKDLoss
+from okdfast.losses.online_kd import ClassifierDiversityLoss, MDEHeadLoss, OnlineKDLoss
 
-__all__ = ["ClassifierDiversityLoss", "OnlineKDLoss"]
+__all__ = ["ClassifierDiversityLoss", "MDEHeadLoss", "OnlineKDLoss"]

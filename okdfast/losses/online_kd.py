@@ -8,6 +8,8 @@ import dataclasses
 from torch import Tensor, nn
 
 from okdfast.functional import classifier_diversity_loss
+from okdfast.ops.mde_head import mde_head
+from okdfast.ops.mde_head_options import MDEHeadOptions
 from okdfast.ops.online_kd import online_kd
 from okdfast.ops.online_kd_options import OnlineKDOptions
 
@@ -50,3 +52,28 @@ class ClassifierDiversityLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, eps={self.eps}"
+
+
+class MDEHeadLoss(nn.Module):
+    """``MDEHeadLoss(**options)(logits (B, K, C), target (B,), attention_logits, *, kd_weight=None)``: MDE's whole
+    per-sample loss (:func:`okdfast.functional.mde_head_loss`); the options are the fields of ``MDEHeadOptions``,
+    checked once here. ``kd_weight``: an optional one-element tensor multiplying ``options.kd_weight`` (a ramp-up).
+
+    Example (an FFM over the auxiliaries' pooled features; the leader is the last branch)::
+
+        ffm = FeatureFusionModule(channels, num_inputs=K - 1)
+        criterion = MDEHeadLoss(cd_weight=1.0)
+        loss = criterion(logits, y, ffm(pooled[:, :-1], logits[:, :-1]))
+    """
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = MDEHeadOptions(**options)
+
+    def forward(
+        self, logits: Tensor, target: Tensor, attention_logits: Tensor, *, kd_weight: Tensor | None = None
+    ) -> Tensor:
+        return mde_head(logits, target, attention_logits, self.options, kd_weight)[0]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
