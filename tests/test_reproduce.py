@@ -115,6 +115,8 @@ def test_runner_end_to_end_on_synthetic(tmp_path, capsys):
     assert printed.count("] start ") == 4 and printed.count("] finished after") == 4
     assert "start one resnet8 seed 0 (resuming at epoch 0)" in printed
     assert "resumed from" in (out / "one_resnet8_synthetic_s0" / "train.log").read_text()
+    assert (out / "logs" / "one_resnet8_synthetic_s1.log").is_file()  # the process output, outside the run folder
+    assert not list(out.glob("*/stdout.log"))
 
     header, rows = read_table(out / "results.md")
     assert header == COLUMNS
@@ -162,10 +164,11 @@ def test_runner_end_to_end_on_synthetic(tmp_path, capsys):
     assert capsys.readouterr().out.count("runs: median of") == 4
 
 
-# Stand-in for a training process: checkpoints on SIGTERM like okdfast.train (exit 128 + 15).
+# Stand-in for a training process: makes its run folder and checkpoints on SIGTERM like okdfast.train (exit 128 + 15).
 FAKE_RUN = (
     "import signal, sys, time, pathlib\n"
-    "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('saved'), sys.exit(143)))\n"
+    "path = pathlib.Path(sys.argv[1]); path.parent.mkdir(parents=True, exist_ok=True)\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (path.write_text('saved'), sys.exit(143)))\n"
     "time.sleep(60)\n"
 )
 

@@ -6,7 +6,7 @@ invocation continues it with ``--resume auto``. The time budget works that way: 
 run gets SIGTERM (then SIGKILL after ``grace`` seconds), and no new run starts once the budget is spent.
 Ctrl-C or SIGTERM to the runner does the same. The runs live in their own sessions, so a Ctrl-C in the terminal
 reaches the runner only and each run gets exactly one signal (a second one would make the loop stop without
-saving the step it is at).
+saving the step it is at). Each process's output goes to OUT/logs/<run>.log, outside its run folder.
 
 Several runs on one GPU (``--jobs N``): the runs share the device. Small CIFAR networks (ResNet-32, batch 128)
 leave a large GPU mostly idle, so 2-4 concurrent runs raise the throughput; check with ``nvidia-smi`` that the
@@ -49,6 +49,12 @@ class Outcome:
         return self.result != "failed"
 
 
+def stdout_log(run: PlannedRun) -> Path:
+    """Where a run's process output goes: OUT/logs/<run>.log, beside the run folder, which holds only what
+    okdfast.train writes (okdfast/run_folder.py)."""
+    return run.run_dir.parent / "logs" / f"{run.name}.log"
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     if not path.is_file():
         return ""
@@ -88,8 +94,8 @@ def execute(
     total = len(runs)
 
     def start(run: PlannedRun) -> None:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        log_path = run.run_dir / "stdout.log"
+        log_path = stdout_log(run)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = log_path.open("a")
         handle.write(f"\n$ {' '.join(command(run))}\n")
         handle.flush()
@@ -105,7 +111,7 @@ def execute(
         run, _, started, handle = active.pop(index)
         handle.close()  # type: ignore[attr-defined]
         seconds = time.monotonic() - started
-        log_path = run.run_dir / "stdout.log"
+        log_path = stdout_log(run)
         run.refresh()
         if returncode == 0 and run.status == "finished":
             result = "finished"
