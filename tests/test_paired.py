@@ -31,6 +31,7 @@ from okdfast.reproduce.paired import (
     predicted_half_width,
 )
 from okdfast.reproduce.plan import build_plan
+from okdfast.reproduce.results import README_END, README_START
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "benchmarks" / "results" / "cifar10-small"
@@ -177,8 +178,12 @@ def test_results_md_and_paired_csv_from_real_runs(tmp_path, capsys):
     assert records[0]["seeds"] == "0 1" and records[0]["images"] == "25" and records[0]["p_mcnemar"]
     assert float(records[0]["ci_low"]) <= float(records[0]["diff"]) <= float(records[0]["ci_high"])
     first_csv = (out / "paired.csv").read_text()
-    assert main(args) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    assert main([*args, "--update-readme", str(readme)]) == 0
     assert paired_section(out / "results.md") == section and (out / "paired.csv").read_text() == first_csv
+    block = readme.read_text()
+    assert "**Resolution**" in block and "(paired per-image comparisons: results.md)" in block
     capsys.readouterr()
 
 
