@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
+import okdfast.reproduce.paired as paired
 from okdfast.recipe import pooling_differences, pooling_key
-from okdfast.reproduce import paired
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
 from okdfast.utils.atomic_files import atomic_write_text
