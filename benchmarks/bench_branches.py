@@ -15,10 +15,13 @@ and peak memory; the grouped row carries ``speedup`` = loop median / grouped med
 
 Rows are written as they are measured, most important first (ResNet-32 K=4, the GPU plan's target, then one K=4
 row per family, then the other K and DML), to the harness' folder (runs/bench/ unless ``--results-dir`` or
-``--commit-results``); ``--time-budget`` stops before a row that would start after it.
+``--commit-results``); ``--time-budget`` stops before a row that would start after it. Every row carries the load
+columns of the harness (a row measured on a busy machine is warned on screen and in its ``load_warning``); Ctrl-C
+stops with a line naming the rows written.
 
-    python -m benchmarks.bench_branches --quick --threads 1 --commit-results   # the CPU rows in benchmarks/results
-    python -m benchmarks.bench_branches --quick                                # the GPU plan's step (bf16, B=128)
+    python -m benchmarks.bench_branches --threads 1 --commit-results   # the CPU rows in benchmarks/results (all)
+    python -m benchmarks.bench_branches --quick --device cpu           # a minute: K=4 of four archs, one DML row
+    python -m benchmarks.bench_branches --quick                        # on CUDA: the GPU plan's step (bf16, B=128)
     python -m benchmarks.bench_branches --archs resnet32 wrn20_8 --branches 2 4 8 --batch-size 128 --compile
 """
 
@@ -39,19 +42,23 @@ from okdfast.models import MultiBranchNet, list_models  # noqa: E402
 
 FAMILIES = ["resnet32", "wrn20_8", "vgg16", "densenet40_12", "resnet110"]  # one K=4 row each, right after resnet32
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_QUICK_DML = ("resnet32", "densenet40_12_bc")
+CPU_QUICK_DML = ("resnet32",)
+# --quick on the CPU: K=4 with a shared trunk for these (a ResNet, the DenseNet-BC, the VGG with the MLP head, the
+# deepest ResNet), DML for CPU_QUICK_DML, and no row starts after QUICK_CPU_BUDGET_S: about a minute on 2 idle cores
+CPU_QUICK_ARCHS = ("resnet32", "densenet40_12_bc", "vgg16_mlp", "resnet110")
 QUICK_CUDA_BUDGET_S = 40.0  # --quick on CUDA: no row starts after this (the GPU plan's step has 60 s, imports included)
+QUICK_CPU_BUDGET_S = 45.0
 Case = tuple[str, int, str]  # (arch, K, trunk)
 
 
 def plan(args: argparse.Namespace) -> list[Case]:
     """The (arch, K, trunk) rows, most important first: resnet32 K=4 shared (the GPU plan's target), one K=4 shared
     row per family, every arch at K=4, then the other K, then DML in the same order. ``--quick`` on the CPU keeps
-    DML to resnet32 and densenet40_12_bc at K=4 (eight CPU VGG-16s or WRN-20-8s take minutes a step)."""
+    K=4 and DML to CPU_QUICK_DML (eight CPU VGG-16s or WRN-20-8s take minutes a step)."""
     archs = args.archs
     cases = [(a, k, t) for a in archs for k in args.branches for t in args.trunks]
     if args.quick and not args.device.startswith("cuda"):
-        cases = [(a, k, t) for a, k, t in cases if t == "shared" or (a in CPU_QUICK_DML and k == 4)]
+        cases = [(a, k, t) for a, k, t in cases if k == 4 and (t == "shared" or a in CPU_QUICK_DML)]
 
     def priority(case: Case) -> tuple:
         arch, k, trunk = case
@@ -95,7 +102,7 @@ def step_fn(net: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None)
 
 
 def measure(
-    case: Case, args: argparse.Namespace, device: torch.device, base: dict[str, Any], folder: Path
+    case: Case, args: argparse.Namespace, device: torch.device, base: dict[str, Any], folder: Path, watch: Any
 ) -> list[dict[str, Any]]:
     """The loop row, then the grouped row (with its speedup), of one (arch, K, trunk), each written as measured."""
     arch, k, trunk = case
@@ -110,6 +117,7 @@ def measure(
     medians: dict[str, float] = {}
     for impl, net in nets.items():
         model = torch.compile(net) if args.compile else net
+        watch.begin()
         timing = harness.time_fn(
             step_fn(model, images, amp),
             device,
@@ -121,6 +129,7 @@ def measure(
         grouped = impl == "grouped"
         row = {
             **base,
+            **watch.columns(f"{arch} K={k} {trunk} {impl}"),
             "arch": arch,
             "branches": k,
             "trunk": trunk,
@@ -157,13 +166,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path, list[str]
     budget = harness.TimeBudget(args.time_budget)
     base = harness.machine_columns("branches", device)
     cases = plan(args)
+    details = f"{len(cases)} cases, batch {args.batch_size}, amp {args.amp}" + (
+        f", no row starts after {args.time_budget:.0f} s" if args.time_budget else ""
+    )
+    watch = harness.print_header("bench_branches", device, folder / "branches.csv", details)
     failed: list[str] = []
     rows: list[dict[str, Any]] = []
     for index, (arch, k, trunk) in enumerate(cases):
         if budget.skip(", ".join(f"{a} K={kk} {t}" for a, kk, t in cases[index:])):
             break
         try:
-            rows += measure((arch, k, trunk), args, device, base, folder)
+            rows += measure((arch, k, trunk), args, device, base, folder, watch)
         except Exception as error:  # one broken row must not cost the others (a GPU visit is one shot)
             message = f"{type(error).__name__}: {error}"[:500]
             print(f"{arch} K={k} {trunk}: FAILED {message}", flush=True)
@@ -173,6 +186,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path, list[str]
             failed.append(f"{arch} K={k} {trunk}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if watch.summary():
+        print(watch.summary(), flush=True)
     return rows, folder / "branches.csv", failed
 
 
@@ -233,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"CUDA: {', '.join(FAMILIES)}; CPU: every arch, DML only for {' and '.join(CPU_QUICK_DML)} at K=4",
+        help=f"CUDA: {', '.join(FAMILIES)}; CPU: K=4 of {', '.join(CPU_QUICK_ARCHS)}, DML only for "
+        f"{' and '.join(CPU_QUICK_DML)} (about a minute)",
     )
     parser.add_argument(
         "--time-budget",
         type=float,
         default=None,
-        help=f"seconds: no row starts after them (default: none; --quick on CUDA: {QUICK_CUDA_BUDGET_S:.0f})",
+        help=f"seconds: no row starts after them (default: none; --quick: {QUICK_CUDA_BUDGET_S:.0f} on CUDA, "
+        f"{QUICK_CPU_BUDGET_S:.0f} on the CPU)",
     )
     harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
@@ -250,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats if args.repeats is not None else (30 if on_cuda else 3)
     if args.compile:
         args.warmup = max(args.warmup, 3)
-    if args.quick and on_cuda and args.time_budget is None:
-        args.time_budget = QUICK_CUDA_BUDGET_S
+    if args.quick and args.time_budget is None:
+        args.time_budget = QUICK_CUDA_BUDGET_S if on_cuda else QUICK_CPU_BUDGET_S
     if args.trunks is None:
         args.trunks = ["shared", "dml"]
     if args.archs is None:
-        args.archs = FAMILIES if args.quick and on_cuda else list_models()
+        args.archs = (FAMILIES if on_cuda else list(CPU_QUICK_ARCHS)) if args.quick else list_models()
     rows, path, failed = run(args)
     if any(r["impl"] == "grouped" for r in rows):
         plot(rows, path.parent / f"branches_{rows[0]['device']}.png")
@@ -267,4 +284,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(harness.run_cli(main))

@@ -13,8 +13,10 @@ seeded random uint8 arrays of its size (``data`` column): CIFAR-100 50k, CINIC-1
 (train + valid) 32x32 images; the loaders do the same work on either. ``vs_torch`` is the ratio to the torch
 loader measured in the same run (it is measured first). ``gb_per_s`` counts the bytes a loader must move per image
 (the uint8 image read once, the normalised fp32 batch written once) and ``pct_copy_bw`` divides that by the copy
-bandwidth measured on this device (benchmarks/harness.py). The 1-minute load average before and after each
-loader is recorded: on a shared machine a run whose load rose while it ran is suspect and is better rerun.
+bandwidth measured on this device (benchmarks/harness.py). The run starts with a header (device, cores, load,
+where the rows go); every row carries the harness' load columns (the load average at its start and end, the cores
+other processes kept busy, ``load_warning``), and a row measured on a busy machine is warned on screen too: on a
+shared machine such a row is suspect and is better rerun. Ctrl-C stops with a line naming the rows written.
 
     python -m benchmarks.bench_loader                     # all loaders, cifar100 + cinic10 + cinic10-valid shapes
     python -m benchmarks.bench_loader --quick             # cifar100 + cinic10 at 1/5 size, 2 timed epochs
@@ -48,12 +50,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
+    LoadWatch,
     add_output_arguments,
     append_row,
     copy_bandwidth_gbps,
     default_device,
     machine_columns,
+    print_header,
     results_dir,
+    run_cli,
 )
 from okdfast.data import ArrayDataset, DatasetNotFoundError, DatasetSplits, build_data_loaders, load_dataset  # noqa: E402
 from okdfast.data.factory import install_hint  # noqa: E402
@@ -181,7 +186,7 @@ def measure(args: argparse.Namespace, device_name: str, shape: str, name: str) -
 IMAGE_BYTES = 32 * 32 * 3 * (1 + 4)  # a uint8 image read, its normalised fp32 copy written
 
 
-def bench(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def bench(args: argparse.Namespace, device: torch.device, watch: LoadWatch) -> list[dict[str, Any]]:
     """Every (data set, loader) in its own spawned process: no loader inherits another's threads, worker processes
     or page cache state, and no DataLoader forks a process that DALI's or numba's threads already run in. The torch
     loader (the reference) goes first, so each row can carry its ratio when it is written."""
@@ -198,8 +203,10 @@ def bench(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             if hint is not None:
                 print(f"{shape:14s} {name:6s} skipped: {hint}")
                 continue
+            watch.begin()
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
                 row = base | pool.submit(measure, args, str(device), shape, name).result()
+            row |= watch.columns(f"{shape} {name}")
             reference = row if name == "torch" else reference
             row["vs_torch"] = round(row["images_per_s"] / reference["images_per_s"], 3) if reference else ""
             row["gb_per_s"] = round(row["images_per_s"] * IMAGE_BYTES / 1e9, 3)
@@ -305,7 +312,7 @@ def train_one(args: argparse.Namespace, device_name: str, name: str) -> dict[str
     }
 
 
-def train_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def train_rows(args: argparse.Namespace, device: torch.device, watch: LoadWatch) -> list[dict[str, Any]]:
     """The same mde/resnet8 training run with every loader, each in its own spawned process (torch first)."""
     base = machine_columns("loader_train", device) | package_versions()
     folder = results_dir(args.results_dir, args.commit_results)
@@ -317,8 +324,10 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         if hint is not None:
             print(f"{name:6s} skipped: {hint}")
             continue
+        watch.begin()
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             row = base | pool.submit(train_one, args, str(device), name).result()
+        row |= watch.columns(f"train {name}")
         reference = row if name == "torch" else reference
         row["vs_torch"] = round(row["images_per_s_median"] / reference["images_per_s_median"], 3) if reference else ""
         append_row("loader_train", row, folder)
@@ -335,7 +344,7 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 # ---------------------------------------------------------------------------------------------------------------
 # --kernel: the fused augmentation kernel against the PyTorch path it replaces
 # ---------------------------------------------------------------------------------------------------------------
-def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def kernel_rows(args: argparse.Namespace, device: torch.device, watch: LoadWatch) -> list[dict[str, Any]]:
     """One batch of crop/flip/normalise (fp32 out, channels-last on CUDA): ``fused`` (Triton, CUDA only) and
     ``torch`` (okdfast.data.transforms.crop_flip_normalize); each validated against the other before timing.
     GB/s counts the bytes a fused pass must move (uint8 in, the batch out)."""
@@ -366,9 +375,11 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str
         for name, out in outputs.items():
             assert torch.equal(out, outputs["torch"]), f"{name} differs from the torch path"
         for name, fn in impls.items():
+            watch.begin()
             timing = time_fn(fn, device, warmup=5, repeats=args.epochs * 10, inner=10)
             moved = bytes_moved(batch, (32, 32, 3), torch.float32)
-            row = base | {"impl": name, "batch": batch, "bytes": moved, **timing.as_row()}
+            row = base | watch.columns(f"augment {name} {batch}")
+            row |= {"impl": name, "batch": batch, "bytes": moved, **timing.as_row()}
             row["gb_per_s"] = round(moved / (timing.median_ms * 1e-3) / 1e9, 2)
             row["copy_gbps"] = round(copy_gbps, 1)
             row["pct_copy_bw"] = round(100 * row["gb_per_s"] / copy_gbps, 2)
@@ -416,28 +427,29 @@ def main(argv: list[str] | None = None) -> None:
         # run single-threaded too.
         args.threads = 1
 
+    folder = results_dir(args.results_dir, args.commit_results)
     if args.kernel:
         if args.threads:
             torch.set_num_threads(args.threads)
-        kernel_rows(args, device)
-        print(f"rows in {results_dir(args.results_dir, args.commit_results) / 'augment.csv'}")
+        watch = print_header("bench_loader --kernel", device, folder / "augment.csv")
+        kernel_rows(args, device, watch)
+        print("\n".join(filter(None, [watch.summary(), f"rows in {folder / 'augment.csv'}"])))
         return
     if args.train:
-        train_rows(args, device)
-        print(f"rows in {results_dir(args.results_dir, args.commit_results) / 'loader_train.csv'}")
+        watch = print_header("bench_loader --train", device, folder / "loader_train.csv", f"workers {args.workers}")
+        train_rows(args, device, watch)
+        print("\n".join(filter(None, [watch.summary(), f"rows in {folder / 'loader_train.csv'}"])))
         return
-    print(
-        f"device {device} | {os.cpu_count()} cores | batch {args.batch_size} | workers {args.workers} | "
-        f"{args.warmup} warm-up + {args.epochs} timed epochs | load {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    rows = bench(args, device)
+    details = f"batch {args.batch_size}, workers {args.workers}, {args.warmup} warm-up + {args.epochs} timed epochs"
+    watch = print_header("bench_loader", device, folder / "loader.csv", details)
+    rows = bench(args, device, watch)
+    if watch.summary():
+        print(watch.summary(), flush=True)
     if rows:
-        folder = results_dir(args.results_dir, args.commit_results)
         png = folder / f"loader_{device.type}.png"
         plot(rows, png)
         print(f"rows in {folder / 'loader.csv'}; chart: {png}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

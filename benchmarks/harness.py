@@ -10,6 +10,15 @@ Ceilings: :func:`copy_bandwidth_gbps` (a device-to-device copy, bytes read + wri
 :func:`matmul_tflops` (bf16 on CUDA) are measured, not taken from a datasheet; memory-bound rows report their GB/s
 as a fraction of the measured copy bandwidth.
 
+Whether the machine was quiet (:class:`LoadWatch`): every benchmark prints a header (what runs where, the load
+average, where the rows go) and gives every row the 1-minute load average at its start and end, the cores other
+processes kept busy while it was measured (``/proc/stat`` minus this benchmark's own process tree) and a
+``load_warning``: the load average above the cores, other processes using half a core or more, or a load average
+that moved a core's worth away from what this benchmark's own work explains. A warned row is printed with its
+warning too; CPU ratios measured on a loaded machine flip (issue 23: a 2.82x that was 1.03x quiet).
+
+Ctrl-C (:func:`run_cli`): a benchmark stops without a traceback and says where the rows it wrote are.
+
 Where rows go (:func:`results_dir`): ``--results-dir``, else ``$OKDFAST_RESULTS_DIR`` (gpu_suite.sh sets it to
 its stage's folder), else ``runs/bench/`` (untracked). The committed files in ``benchmarks/results/`` are written
 only on request (``--commit-results``), so a user's run never overwrites the numbers the README quotes. Every
@@ -20,6 +29,7 @@ dates sit in one file side by side.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import platform
 import resource
@@ -53,6 +63,7 @@ COMMON_COLUMNS = [
     "git_commit",
 ]
 _RUN_ID = os.environ.get("OKDFAST_RUN_ID") or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
+WRITTEN: dict[Path, int] = {}  # the CSV files this process appended rows to, and how many (run_cli names them)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +106,7 @@ def append_row(name: str, row: dict[str, Any], folder: Path | str | None = None)
     if path.exists() and path.stat().st_size > 0:
         with path.open(newline="") as handle:
             header = next(csv.reader(handle), [])
+    WRITTEN[path] = WRITTEN.get(path, 0) + 1
     if header and all(k in header for k in row):
         with path.open("a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=header, restval="").writerow(row)
@@ -160,6 +172,177 @@ def machine_columns(bench: str, device: torch.device) -> dict[str, Any]:
         "git_commit": os.environ.get("OKDFAST_GIT_COMMIT") or git_commit() or "",  # a checkout without .git: the env
         "load_avg_1m": round(os.getloadavg()[0], 2),  # CPU numbers mean little on a busy machine
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# was the machine quiet: the load average, other processes' CPU time, one warning per row
+# ---------------------------------------------------------------------------------------------------------------
+LOAD_TAU_S = 60.0  # the time constant of the kernel's 1-minute load average (an exponential average)
+# the load average above the cores by more than this is warned (a benchmark using every core sits at the cores
+# plus the system's own noise, a few hundredths)
+LOAD_SLACK = 0.25
+OTHER_CORES_WARN = 0.5  # other processes keeping this many cores busy while a row is measured: warned
+LOAD_CHANGE_WARN = 1.0  # the load average this far (in cores) from what this benchmark's own work explains: warned
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask; os.cpu_count() where that is not known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every process of the machine has used since boot (``/proc/stat``; None where there is none)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    """CPU seconds of this process, the children it reaped, and every live descendant (DataLoader workers,
+    spawned measuring processes): ``/proc/<pid>/stat``, else this process's own rusage."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
+    try:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    after_name = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited meanwhile
+            parent, utime, stime, cutime, cstime = int(after_name[1]), *map(int, after_name[11:15])
+            stats[int(entry.name)] = (parent, (utime + stime + cutime + cstime) / tick)
+    except OSError:
+        usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return sum(u.ru_utime + u.ru_stime for u in usage)
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(stats[pid][1] for pid in tree if pid in stats)
+
+
+class LoadWatch:
+    """Whether the machine was quiet while each row was measured.
+
+    ``begin()`` before a row's measurement, ``columns()`` after it: ``load_avg_1m`` (at the row's start),
+    ``load_avg_1m_end``, ``other_cores`` (the cores other processes kept busy meanwhile, from ``/proc/stat``) and
+    ``load_warning`` ("" when none), which is also printed. The warnings: the load average above the cores (by more
+    than ``LOAD_SLACK``); other
+    processes using ``OTHER_CORES_WARN`` cores or more; the load average ``LOAD_CHANGE_WARN`` away from what it was
+    when the benchmark started plus what its own work adds (the 1-minute average moves towards the cores this
+    benchmark keeps busy with time constant ``LOAD_TAU_S``)."""
+
+    def __init__(self) -> None:
+        self.cores = cpu_cores()
+        self.started = time.monotonic()
+        self.start_load = os.getloadavg()[0]
+        self.warned: list[str] = []
+        self.rows = 0
+        self._own_at_start = _own_busy_seconds()
+        self.begin()
+
+    def begin(self) -> None:
+        self._t, self._load = time.monotonic(), os.getloadavg()[0]
+        self._machine, self._own = _machine_busy_seconds(), _own_busy_seconds()
+
+    def other_cores(self) -> float | None:
+        """The cores other processes kept busy since :meth:`begin` (None where /proc/stat is not there)."""
+        machine = _machine_busy_seconds()
+        if machine is None or self._machine is None:
+            return None
+        wall = max(time.monotonic() - self._t, 1e-3)
+        return max(machine - self._machine - (_own_busy_seconds() - self._own), 0.0) / wall
+
+    def warnings(self, load_start: float, load_end: float, other: float | None) -> list[str]:
+        found = []
+        if max(load_start, load_end) > self.cores + LOAD_SLACK:
+            found.append(f"load average {max(load_start, load_end):.2f} above the {self.cores} cores")
+        if other is not None and other >= OTHER_CORES_WARN:
+            found.append(f"other processes kept {other:.1f} of the {self.cores} cores busy")
+        elapsed = time.monotonic() - self.started
+        own = (_own_busy_seconds() - self._own_at_start) / max(elapsed, 1e-3)  # cores this benchmark kept busy
+        expected = self.start_load + own * (1 - math.exp(-elapsed / LOAD_TAU_S))
+        if abs(load_end - expected) >= LOAD_CHANGE_WARN:
+            found.append(
+                f"load average changed during the run: {self.start_load:.2f} at its start, {load_end:.2f} now "
+                f"({expected:.2f} expected from this benchmark's own {own:.1f} cores)"
+            )
+        return found
+
+    def columns(self, label: str = "") -> dict[str, Any]:
+        """The row's load columns; prints its warning (``label`` names the row)."""
+        other, load_end = self.other_cores(), os.getloadavg()[0]
+        found = self.warnings(self._load, load_end, other)
+        self.rows += 1
+        warning = "; ".join(found)
+        if warning:
+            self.warned.append(label)
+            print(f"WARNING{' ' + label if label else ''}: {warning}: this row's times are not a quiet machine's",
+                  flush=True)  # fmt: skip
+        return {
+            "load_avg_1m": round(self._load, 2),
+            "load_avg_1m_end": round(load_end, 2),
+            "other_cores": "" if other is None else round(other, 2),
+            "load_warning": warning,
+        }
+
+    def summary(self) -> str | None:
+        """A closing line when rows were warned, else None."""
+        if not self.warned:
+            return None
+        return (
+            f"WARNING: {len(self.warned)} of {self.rows} rows ran on a busy machine (their load_warning column); "
+            "compare ratios only between quiet rows, or rerun when the machine is idle"
+        )
+
+
+def print_header(bench: str, device: torch.device, rows_to: Path | str, details: str = "") -> LoadWatch:
+    """The first lines of a benchmark: what runs where, the load now, where the rows go; warns at once when the
+    machine is already busy. Returns the run's :class:`LoadWatch`."""
+    from okdfast.utils.environment import device_name, git_commit
+
+    watch = LoadWatch()
+    loads = os.getloadavg()
+    threads = torch.get_num_threads()
+    print(
+        f"== {bench} | {device_name(device)} ({device}) | {watch.cores} cores, {threads} torch threads | torch "
+        f"{torch.__version__} | commit {(git_commit() or '?')[:10]} | load average {loads[0]:.2f} (1 min) "
+        f"{loads[1]:.2f} (5 min) | rows -> {rows_to}" + (f" | {details}" if details else ""),
+        flush=True,
+    )
+    time.sleep(0.5)  # a short look at what else runs
+    other = watch.other_cores()
+    found = watch.warnings(loads[0], loads[0], other)
+    if found:
+        print(f"WARNING: {'; '.join(found)}: the machine is not quiet; its numbers will be slower and noisier",
+              flush=True)  # fmt: skip
+    watch.begin()
+    return watch
+
+
+def run_cli(main: Callable[[], Any]) -> int:
+    """Run a benchmark's ``main``; Ctrl-C ends it with one line naming the rows written so far (exit 130)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        written = ", ".join(f"{count} in {path}" for path, count in WRITTEN.items()) or "none"
+        print(f"\ninterrupted (Ctrl-C): rows written so far: {written}", file=sys.stderr, flush=True)
+        return 130
+    return int(status or 0)
 
 
 def default_device() -> torch.device:

@@ -8,7 +8,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ import pytest
 import torch
 import torchvision
 
+from benchmarks import bench_branches, harness
 from okdfast import progress
 from okdfast.config import parse_config
 from okdfast.data import cifar, locate
@@ -316,3 +322,114 @@ def test_offline_or_told_not_to_it_fails_at_once_with_one_message(how, fresh_mac
         assert len(probed) == 1 and "Download failed: OSError: cannot reach www.cs.toronto.edu:443" in err
     else:
         assert probed == [] and "Download failed" not in err and "pass --download" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 5: benchmarks say when the machine was busy, --quick is quick, Ctrl-C ends cleanly
+# ---------------------------------------------------------------------------------------------------------------
+class Machine:
+    """The load average and CPU counters harness.LoadWatch reads, set by hand."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.load, self.busy, self.own, self.now = 0.1, 1000.0, 50.0, 100.0
+        monkeypatch.setattr(harness.os, "getloadavg", lambda: (self.load, self.load, self.load))
+        monkeypatch.setattr(harness, "_machine_busy_seconds", lambda: self.busy)
+        monkeypatch.setattr(harness, "_own_busy_seconds", lambda: self.own)
+        monkeypatch.setattr(harness.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(harness, "cpu_cores", lambda: 2)
+
+    def run(self, seconds: float, own_cores: float, other_cores: float, load: float) -> None:
+        self.now += seconds
+        self.own += own_cores * seconds
+        self.busy += (own_cores + other_cores) * seconds
+        self.load = load
+
+
+def test_load_watch_warns_of_a_busy_machine_in_the_row_and_on_screen(monkeypatch, capsys):
+    machine = Machine(monkeypatch)
+    watch = harness.LoadWatch()
+    watch.begin()
+    machine.run(5, own_cores=1.0, other_cores=0.05, load=0.1 + 1.0 * (1 - math.exp(-5 / 60)))  # quiet
+    quiet = watch.columns("quiet row")
+    assert quiet["load_warning"] == "" and quiet["other_cores"] == pytest.approx(0.05)
+    assert "WARNING" not in capsys.readouterr().out
+    watch.begin()
+    machine.run(5, own_cores=1.0, other_cores=1.5, load=2.6)
+    busy = watch.columns("busy row")
+    assert "load average 2.60 above the 2 cores" in busy["load_warning"]
+    assert "other processes kept 1.5 of the 2 cores busy" in busy["load_warning"]
+    assert "load average changed during the run: 0.10 at its start, 2.60 now" in busy["load_warning"]
+    assert capsys.readouterr().out.startswith("WARNING busy row: load average 2.60 above the 2 cores")
+    assert (busy["load_avg_1m"], busy["load_avg_1m_end"]) == (pytest.approx(0.17, abs=0.01), 2.6)
+    assert watch.summary().startswith("WARNING: 1 of 2 rows ran on a busy machine")
+
+
+def test_own_cpu_counts_the_benchmarks_child_processes():
+    """A measuring process or a DataLoader worker is this benchmark's work, not another user's: alive (read from
+    /proc) and after it was reaped (the parent's children time)."""
+    before = harness._own_busy_seconds()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\ninput()"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while harness._own_busy_seconds() - before < 0.7 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = harness._own_busy_seconds() - before
+    child.communicate("\n", timeout=30)
+    assert alive >= 0.7 and child.returncode == 0
+    assert harness._own_busy_seconds() - before >= 0.7  # reaped: now in this process's cutime
+
+
+def test_run_cli_ends_ctrl_c_with_where_the_rows_are(tmp_path, capsys):
+    def interrupted_main() -> int:
+        harness.append_row("quickcheck", {"a": 1}, tmp_path)
+        raise KeyboardInterrupt
+
+    assert harness.run_cli(interrupted_main) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (Ctrl-C): rows written so far: 1 in {tmp_path / 'quickcheck.csv'}" in err
+
+
+def test_bench_branches_quick_on_the_cpu_is_a_minutes_plan():
+    args = bench_branches_args(["--quick", "--device", "cpu"])
+    cases = bench_branches.plan(args)
+    assert cases[0] == ("resnet32", 4, "shared") and {k for _, k, _ in cases} == {4}
+    assert {a for a, _, t in cases if t == "dml"} == set(bench_branches.CPU_QUICK_DML)
+    assert len(cases) == len(bench_branches.CPU_QUICK_ARCHS) + len(bench_branches.CPU_QUICK_DML)
+    assert args.time_budget == bench_branches.QUICK_CPU_BUDGET_S <= 50
+
+
+def bench_branches_args(argv: list[str]):
+    """bench_branches' parsed and completed arguments, without running it."""
+    captured = {}
+
+    def fake_run(args):
+        captured["args"] = args
+        return [], Path("unused"), []
+
+    original = bench_branches.run
+    bench_branches.run = fake_run
+    try:
+        bench_branches.main(argv)
+    finally:
+        bench_branches.run = original
+    return captured["args"]
+
+
+def test_a_benchmark_prints_its_header_and_ctrl_c_ends_it_without_a_traceback(tmp_path):
+    argv = [sys.executable, "-m", "benchmarks.bench_branches", "--device", "cpu", "--archs", "resnet8", "resnet20",
+            "resnet32", "resnet56", "--branches", "2", "4", "--trunks", "shared", "--repeats", "30", "--threads", "1",
+            "--results-dir", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    csv_path = tmp_path / "branches.csv"
+    deadline = time.monotonic() + 120
+    while not csv_path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert out.startswith("== bench_branches | ") and "rows -> " in out.splitlines()[0]
+    assert "Traceback" not in err and "interrupted (Ctrl-C): rows written so far: " in err
+    assert str(csv_path) in err
+    rows = harness.read_rows(csv_path)
+    assert rows and {"load_avg_1m", "load_avg_1m_end", "other_cores", "load_warning"} <= set(rows[0])
