@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -433,3 +434,58 @@ def test_a_benchmark_prints_its_header_and_ctrl_c_ends_it_without_a_traceback(tm
     assert str(csv_path) in err
     rows = harness.read_rows(csv_path)
     assert rows and {"load_avg_1m", "load_avg_1m_end", "other_cores", "load_warning"} <= set(rows[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 6: install and import
+# ---------------------------------------------------------------------------------------------------------------
+def test_shadowing_message_names_both_folders(tmp_path):
+    import okdfast
+
+    installed = tmp_path / "installed" / "okdfast"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    assert okdfast.shadowing_message(okdfast.HERE, okdfast.HERE) is None  # the installed copy itself
+    assert okdfast.shadowing_message(okdfast.HERE, tmp_path / "gone" / "okdfast") is None  # a copied virtualenv
+    message = okdfast.shadowing_message(tmp_path / "other" / "okdfast", installed)
+    assert f"imported from {tmp_path / 'other' / 'okdfast'}" in message and f"the installed {installed}" in message
+    assert okdfast.installed_location() in (None, okdfast.HERE)  # this checkout is the installed one (or none is)
+
+
+def python_in(folder: Path, code: str) -> subprocess.CompletedProcess:
+    """``code`` as a script in ``folder``, as a user runs one (the script's folder first on sys.path)."""
+    script = folder / "script.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=120)
+
+
+def test_another_copy_first_on_the_path_is_imported_with_a_warning_naming_it(tmp_path):
+    import okdfast
+
+    if okdfast.installed_location() != okdfast.HERE:
+        pytest.skip("okdfast is not installed from this checkout")
+    shutil.copytree(okdfast.HERE, tmp_path / "okdfast", ignore=shutil.ignore_patterns("__pycache__"))
+    result = python_in(tmp_path, "import okdfast\nprint(okdfast.__file__)\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "okdfast" / "__init__.py")
+    assert f"ShadowingWarning: okdfast was imported from {tmp_path / 'okdfast'}" in result.stderr
+    assert f"not from the installed {okdfast.HERE}" in result.stderr
+
+
+def test_a_clone_folder_beside_a_script_is_the_namespace_the_readme_describes(tmp_path):
+    clone = tmp_path / "okdfast"  # a clone's root: okdfast/okdfast/ is the package, okdfast/ has no __init__.py
+    (clone / "okdfast").mkdir(parents=True)
+    result = python_in(tmp_path, "import okdfast\nokdfast.functional\n")
+    readme = " ".join((REPO / "README.md").read_text().split())
+    if result.returncode == 0:
+        pytest.skip("okdfast is installed so that a folder without __init__.py does not hide it")
+    assert "AttributeError: module 'okdfast' has no attribute 'functional'" in result.stderr
+    assert "AttributeError: module 'okdfast' has no attribute 'functional'" in readme
+    assert "editable_mode=strict" in readme
+
+
+def test_readme_gives_the_cpu_only_install_and_what_amp_does_on_a_cpu():
+    readme = (REPO / "README.md").read_text()
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "fp32 otherwise, with a log line saying so" in readme
+    assert "OKDFAST_NO_DOWNLOAD=1" in readme and "~/.cache/okdfast/data" in readme
