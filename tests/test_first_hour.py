@@ -28,6 +28,7 @@ from benchmarks import bench_branches, harness
 from okdfast import progress
 from okdfast.config import parse_config
 from okdfast.data import cifar, locate
+from okdfast.evaluate import main as evaluate_main
 from okdfast.progress import EpochProgress, RunClock, end_line, format_duration
 from okdfast.train import main, run
 
@@ -489,3 +490,23 @@ def test_readme_gives_the_cpu_only_install_and_what_amp_does_on_a_cpu():
     assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
     assert "fp32 otherwise, with a log line saying so" in readme
     assert "OKDFAST_NO_DOWNLOAD=1" in readme and "~/.cache/okdfast/data" in readme
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 7 (this file's part): okdfast.evaluate prints a readable table with the data label; --json the machine form
+# ---------------------------------------------------------------------------------------------------------------
+def test_evaluate_prints_a_table_with_the_data_and_the_reported_head_first(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main([*TINY, "--out", str(run_dir)])
+    capsys.readouterr()
+    metrics = evaluate_main([str(run_dir / "best.pt"), "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{run_dir / 'best.pt'}: one resnet8 K=3, after ")
+    assert lines[1] == "test data: synthetic (generated, not a real data set), 8 images"
+    rows = [line.split() for line in lines[4:]]
+    assert rows[0][:2] == ["gate", "(the"] and rows[0][-1] == "acc_gate"  # the reported head first
+    assert [row[-1] for row in rows[1:3]] == ["acc_branch_mean", "acc_ensemble"]
+    assert float(rows[0][-2]) == pytest.approx(metrics["acc_gate"], abs=0.005)
+    assert any(line.split()[-1] == "disagreement" for line in lines if line.strip())
+    assert evaluate_main([str(run_dir / "best.pt"), "--device", "cpu", "--json"]) == metrics
+    assert json.loads(capsys.readouterr().out) == pytest.approx(metrics)
