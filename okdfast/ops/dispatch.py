@@ -66,6 +66,19 @@ def fused_enabled(mode: str, where: Tensor | torch.device | str) -> bool:
     return mode == "on"
 
 
+def resolve_kernel(kernel: bool | None, tensor: Tensor, what: str) -> bool:
+    """An op's ``kernel=`` argument made concrete for ``tensor``: None -> the Triton kernels where they run, False ->
+    the reference, True -> the kernels, or one clear error where they cannot run (``what`` names the op)."""
+    runs_here = use_triton(tensor, float64=True)
+    if kernel and not runs_here:
+        raise ValueError(
+            f"the fused {what} kernels were asked for (fused_loss='on' / kernel=True) but do not run on "
+            f"{tensor.device} {tensor.dtype} tensors: they need CUDA (or TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1 "
+            "on the CPU); use fused_loss='auto' (the kernels where they run, the reference elsewhere) or 'off'"
+        )
+    return runs_here if kernel is None else kernel
+
+
 DOUBLE_BACKWARD_ERROR = (
     "okdfast's fused losses are once-differentiable: their backward is a Triton kernel, so a differentiable "
     "backward (create_graph=True, double backward) is not supported; use the references in okdfast.ops.reference "

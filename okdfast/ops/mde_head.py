@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from okdfast.ops.dispatch import use_triton
+from okdfast.ops.dispatch import resolve_kernel
 from okdfast.ops.mde_head_options import MDEHeadOptions, MDEHeadTerms, attention_layout, validate_mde_head_inputs
 from okdfast.ops.online_kd import online_kd, should_check_target_values
 from okdfast.ops.online_kd_options import OnlineKDOptions, check_target_values
@@ -50,15 +50,7 @@ def mde_head(
         check_target_values(target, logits.shape[-1], options.ignore_index)
     if kd_weight is not None:
         kd_weight = kd_weight.detach().reshape(()).to(torch.float32)
-    runs_here = use_triton(logits, float64=True)
-    if kernel is None:
-        kernel = runs_here
-    if kernel and not runs_here:
-        raise ValueError(
-            f"the fused MDE head kernels were asked for (fused_loss='on' / kernel=True) but do not run on "
-            f"{logits.device} {logits.dtype} tensors: they need CUDA (or TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1 "
-            "on the CPU); use fused_loss='auto' (the kernels where they run, the reference elsewhere) or 'off'"
-        )
+    kernel = resolve_kernel(kernel, logits, "MDE head")
     if not kernel:
         return mde_head_reference(logits, target, attention_logits, options, kd_weight)
     num_branches = logits.shape[1]

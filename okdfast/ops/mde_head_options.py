@@ -9,15 +9,13 @@ attention logits, (B, M) for one target shared by the auxiliaries or (B, M, M) f
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from okdfast.ops.online_kd_options import FLOAT_DTYPES, REDUCTIONS, temperature_error
+from okdfast.ops.online_kd_options import FLOAT_DTYPES, check_shared_options, temperature_error
 
 
 @dataclass(frozen=True)
@@ -36,20 +34,11 @@ class MDEHeadOptions:
     reduction: str = "mean"  # 'mean' over non-ignored rows | 'sum' | 'none' (B,)
 
     def __post_init__(self) -> None:
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={self.reduction!r}: use 'mean', 'sum' or 'none'")
         for name in ("temperature", "attention_temperature"):
             message = temperature_error(getattr(self, name), name)
             if message:
                 raise ValueError(message)
-        for name in ("target_ce_weight", "kd_weight", "cd_weight", "label_smoothing"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r}: must be a finite number")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing}: must be in [0, 1]")
-        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
-            raise ValueError(f"ignore_index={self.ignore_index!r}: must be an int")
+        check_shared_options(self, ("target_ce_weight", "kd_weight", "cd_weight"))
         for name in ("detach_target", "detach_leader_target"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")

@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from okdfast.ops.dispatch import check_once_differentiable, use_triton
+from okdfast.ops.dispatch import check_once_differentiable, resolve_kernel
 from okdfast.ops.online_kd_options import (
     OnlineKDOptions,
     OnlineKDTerms,
@@ -170,15 +170,7 @@ def online_kd(
         check_target_values(target, logits.shape[-1], options.ignore_index)
     if kd_weight is not None:
         kd_weight = kd_weight.detach().reshape(()).to(torch.float32)
-    runs_here = use_triton(logits, float64=True)
-    if kernel is None:
-        kernel = runs_here
-    if kernel and not runs_here:
-        raise ValueError(
-            f"the fused online-KD kernels were asked for (fused_loss='on' / kernel=True) but do not run on "
-            f"{logits.device} {logits.dtype} tensors: they need CUDA (or TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1 "
-            "on the CPU); use fused_loss='auto' (the kernels where they run, the reference elsewhere) or 'off'"
-        )
+    kernel = resolve_kernel(kernel, logits, "online-KD")
     if not kernel:
         return online_kd_reference(logits, target, teacher, teacher_weights, options, kd_weight)
 

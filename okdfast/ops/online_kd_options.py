@@ -38,6 +38,22 @@ def temperature_error(value: object, name: str = "temperature") -> str | None:
     return None
 
 
+def check_shared_options(options: object, finite: tuple[str, ...]) -> None:
+    """The checks every loss op's options share: ``reduction``; the fields named in ``finite`` and
+    ``label_smoothing`` finite numbers; ``label_smoothing`` in [0, 1]; ``ignore_index`` an int. Raises a ValueError
+    naming the field."""
+    if options.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={options.reduction!r}: use 'mean', 'sum' or 'none'")
+    for name in (*finite, "label_smoothing"):
+        value = getattr(options, name)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r}: must be a finite number")
+    if not 0.0 <= options.label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={options.label_smoothing}: must be in [0, 1]")
+    if not isinstance(options.ignore_index, int) or isinstance(options.ignore_index, bool):
+        raise ValueError(f"ignore_index={options.ignore_index!r}: must be an int")
+
+
 @dataclass(frozen=True)
 class OnlineKDOptions:
     """How the per-row terms are weighted and reduced; see :func:`okdfast.functional.online_kd_loss`."""
@@ -57,18 +73,9 @@ class OnlineKDOptions:
     def __post_init__(self) -> None:
         if self.mode not in KD_MODES:
             raise ValueError(f"mode={self.mode!r}: use 'ensemble' (distil from the teacher) or 'peer' (DML)")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={self.reduction!r}: use 'mean', 'sum' or 'none'")
-        for name in ("temperature", "ce_weight", "kd_weight", "teacher_ce_weight", "label_smoothing"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r}: must be a finite number")
+        check_shared_options(self, ("temperature", "ce_weight", "kd_weight", "teacher_ce_weight"))
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}: must be > 0 (T = 1 is the plain softmax)")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing}: must be in [0, 1]")
-        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
-            raise ValueError(f"ignore_index={self.ignore_index!r}: must be an int")
         if not isinstance(self.detach_teacher, bool):
             raise ValueError(f"detach_teacher={self.detach_teacher!r}: must be True or False")
         for name in ("teacher_ce_rows", "detached_teacher_rows"):
