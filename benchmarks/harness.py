@@ -335,7 +335,8 @@ def print_header(bench: str, device: torch.device, rows_to: Path | str, details:
 
 
 def run_cli(main: Callable[[], Any]) -> int:
-    """Run a benchmark's ``main``; Ctrl-C ends it with one line naming the rows written so far (exit 130)."""
+    """Run a benchmark's ``main``; Ctrl-C ends it with one line naming the rows this call wrote (exit 130)."""
+    WRITTEN.clear()  # the rows of this run only (a caller may run several mains in one process)
     try:
         status = main()
     except KeyboardInterrupt:

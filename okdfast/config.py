@@ -164,12 +164,12 @@ class TrainConfig:
         for name in ("lr", "lr_gamma"):
             if not getattr(self, name) > 0:
                 bad(name, getattr(self, name), "must be > 0")
-        from okdfast.ops.online_kd_options import temperature_error
+        from okdfast.ops.online_kd_options import temperature_problem
 
         for name in ("temperature", "ffm_temperature"):
-            message = temperature_error(getattr(self, name), "--" + name.replace("_", "-"))
-            if message:
-                raise ConfigError(message)
+            problem = temperature_problem(getattr(self, name))
+            if problem:
+                bad(name, getattr(self, name), problem)
         if not 0 <= self.momentum < 1:
             bad("momentum", self.momentum, "must be in [0, 1)")
         if not 0 <= self.label_smoothing <= 1:
@@ -329,10 +329,11 @@ def _type_problem(value: Any, annotation: str) -> str | None:
             return "must be true or false" + (" (a string is not a boolean)" if isinstance(value, str) else "")
     elif base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            return "must be an integer" + (f" (got a {type(value).__name__})" if not isinstance(value, str) else "")
+            got = f" (got a {type(value).__name__})" if not isinstance(value, str) else _yaml11_number_hint(value, True)
+            return "must be an integer" + got
     elif base == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return "must be a number"
+            return "must be a number" + _yaml11_number_hint(value)
         if not math.isfinite(value):
             return "must be a finite number"
     elif base == "str":
@@ -449,7 +450,7 @@ def program_name() -> str:
     return "okdfast-train" if script else "python -m okdfast.train"
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """A usage error is the message and a pointer to --help, not the 40-line usage of every flag; an unknown flag
     gets the nearest known one."""
 
@@ -465,7 +466,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     """The CLI. ``explicit_only``: no defaults at all, so the parsed namespace holds only the flags given."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=program_name(),
         usage="%(prog)s [--config FILE] [--FLAG VALUE ...]  (the flags by group below)",
         description="Train a multi-branch network with online knowledge distillation (MDE, ACCV 2020, and baselines).",
@@ -508,7 +509,6 @@ _WORD_FOR_BOOL = {True: "on", False: "off"}
 YAML_MAX_BYTES = 4 << 20
 YAML_MAX_DEPTH = 32  # nesting levels
 YAML_MAX_NODES = 100_000  # values, every alias expanded
-_STR = "tag:yaml.org,2002:str"
 _NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -578,8 +578,6 @@ def _check_expansion(root: Any) -> None:
 # Plain (unquoted) scalars that YAML 1.1, which PyYAML reads, and YAML 1.2 read differently: (pattern, the tags
 # PyYAML gives them, the message, how to write the value so that both read the number meant).
 _YAML11_SURPRISES = [
-    (r"[-+]?(\.\d+|\d+(\.\d*)?)[eE][-+]?\d+", (_STR,),
-     "YAML 1.1 reads {v} as a string, not a number: write {fix} (a dot in the mantissa)"),
     (r"[-+]?0[0-7_]+", _NUMBERS[:1],
      "YAML 1.1 reads a number with a leading 0 as octal ({v} is {read}): write {fix} (or quote it for a string)"),
     (r"[-+]?\d[\d_]*(:[0-5]?\d)+(\.\d*)?", _NUMBERS,
@@ -589,10 +587,21 @@ _YAML11_SURPRISES = [
 ]  # fmt: skip
 
 
+# A number with an exponent and no dot (1e-3): YAML 1.2 reads a number, YAML 1.1 (PyYAML) a string. Said where a
+# number field gets that string (_type_problem), so that a string field may hold it.
+_EXPONENT_NO_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
+
+def _yaml11_number_hint(value: Any, integer: bool = False) -> str:
+    if not isinstance(value, str) or not _EXPONENT_NO_DOT.fullmatch(value.strip()):
+        return ""
+    mantissa, e, exponent = re.split("([eE])", value.strip())
+    number = float(value)
+    fix = f"{int(number)}" if integer and number.is_integer() else f"{mantissa}.0{e}{exponent}"
+    return f" (YAML 1.1 reads {value} as a string, not a number: write {fix})"
+
+
 def _yaml11_fix(value: str) -> str:
-    if re.fullmatch(_YAML11_SURPRISES[0][0], value):
-        mantissa, exponent = re.split("[eE]", value)
-        return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
     sign = value[0] if value[0] in "+-" else ""
     return sign + (value.lstrip("+-").replace("_", "").lstrip("0") or "0")
 
@@ -676,7 +685,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of config keys, got a {type(values).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(values).__name__}")
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     own_run = any(key in DERIVED_KEYS for key in values)  # a run folder's config.yaml
     spelled: dict[str, str] = {}
@@ -692,18 +701,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             config[name] = value
     unknown = [name for name in config if name not in types]
     if unknown:
-        listed = ", ".join(_unknown_key(name, types) for name in unknown[:5])
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise ConfigError(f"{where}: unknown key {listed}{more}; the keys are the flags' names (--help lists them)")
+        listed = [shorten(name, 40) for name in unknown[:5]] + ([f"and {len(unknown) - 5} more"] if unknown[5:] else [])
+        near = [f"{shorten(n, 40)}: did you mean {m[0]}?" for n in unknown[:5] if (m := _nearest(n, types))]
+        raise ConfigError(f"{where}: unknown keys {listed}{' (' + '; '.join(near) + ')' if near else ''}; the keys "
+                          "are the flags' names (--help lists them)")  # fmt: skip
     for name, value in config.items():
         if isinstance(value, bool) and types[name].removesuffix(" | None") == "str":
             config[name] = _WORD_FOR_BOOL[value]
     return config
 
 
-def _unknown_key(name: str, known: Iterable[str]) -> str:
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"{shorten(name)!r}" + (f" (did you mean {match[0]}?)" if match else "")
+def _nearest(name: str, known: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
 
 
 # Fields only some methods read: for any other method the flag does nothing, and parse_config says so.

@@ -19,7 +19,6 @@ how to install it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from okdfast.config import OneLineParser, read_yaml
+from okdfast.errors import UserError
 from okdfast.recipe import pooling_differences, pooling_key
 from okdfast.utils.metrics_log import read_rows
 
@@ -85,10 +84,23 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         raise FileNotFoundError(
             f"{error}: the file was changed by hand; okdfast.train rewrites it on --resume"
         ) from None
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    config_file, summary_file = run_dir / "config.yaml", run_dir / "summary.json"
+    config = read_yaml(config_file, str(config_file)) if config_file.is_file() else {}
+    summary = read_json(summary_file) if summary_file.is_file() else {}
+    for path, value in ((config_file, config), (summary_file, summary)):
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"{path}: holds a {type(value).__name__}, not the mapping okdfast.train writes")
     return RunData(run_dir, rows, config or {}, summary)
+
+
+def read_json(path: Path) -> Any:
+    """A run's JSON file, or a UserError naming it (a copy cut short, a file edited by hand)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)[:120]
+        raise UserError(f"{path}: cannot be read as JSON ({reason}); okdfast.train writes it whole (atomically): "
+                        "a copy was cut short or it was edited; restore it or drop the run") from None  # fmt: skip
 
 
 def _style_epochs(ax: Any, run: RunData) -> None:
@@ -333,7 +345,7 @@ def plot_runs(
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[Path]]:
-    parser = argparse.ArgumentParser(prog="python -m okdfast.plot", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m okdfast.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="run folders written by okdfast.train")
     parser.add_argument("--out", default=None, help="folder of comparison.png (default: common parent + /plots)")
     parser.add_argument(
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Path]]:
         )
     except ImportError as error:
         parser.exit(1, f"{error}\n")
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UserError) as error:
         parser.error(str(error))
     for paths in written.values():
         for path in paths:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from okdfast.checkpointing import check_state
 from okdfast.config import TrainConfig
 from okdfast.errors import CheckpointError, ConfigError, RunFolderError
 from okdfast.recipe import SESSION_FIELDS, TUNABLE_FIELDS, differences, is_unset, same_value
@@ -99,7 +100,10 @@ def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer:
         config.method, config.arch, config.dataset, branches_of(config), config.seed
     )  # fmt: skip
     folder = RunFolder(run_dir, writer=writer)
+    folder.planned_state = folder.state()  # checked again when the folder is locked (okdfast.run_folder)
     folder.check_usable()
+    if writer:
+        folder.check_not_in_use()
     folder_config = folder.stored_config()
 
     if config.resume is None:
@@ -118,6 +122,8 @@ def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer:
         return Start(config, folder)
     where = f"--resume {checkpoint}" if payload is not None else f"{run_dir / CONFIG}"
     base = TrainConfig.from_dict(stored, where)
+    if payload is not None:
+        check_state(payload, base.epochs, where)
     if payload is not None and folder_config is not None:
         check_checkpoint_of_folder(base, folder_config, checkpoint, run_dir)
     given = {

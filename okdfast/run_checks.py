@@ -10,6 +10,7 @@ from okdfast.config import TrainConfig
 from okdfast.errors import ConfigError
 from okdfast.evaluation import batch_sums, metrics_from_sums
 from okdfast.methods import Method
+from okdfast.ops.dispatch import triton_available, triton_runs_on
 
 
 def check_for_device(config: TrainConfig, device: torch.device, world_size: int) -> None:
@@ -23,6 +24,10 @@ def check_for_device(config: TrainConfig, device: torch.device, world_size: int)
             f"--batch-size {config.batch_size} over {world_size} processes leaves "
             f"{config.batch_size // world_size} image per process: BatchNorm needs two or more"
         )
+    if config.fused_loss == "on" and not triton_runs_on(device):
+        why = f"they need a CUDA device, and this run is on {device}" if triton_available() else "no triton installed"
+        raise ConfigError(f"--fused-loss on: the Triton kernels cannot run here ({why}); use --fused-loss auto (the "
+                          "kernels where they run, else the PyTorch reference) or --fused-loss off")  # fmt: skip
     if config.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device (this run is on {device}); drop the flag")
     if config.cuda_graphs and config.amp == "fp16":

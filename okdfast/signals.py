@@ -1,16 +1,34 @@
 """SIGINT / SIGTERM during training: a flag the loop checks after each step, so it can checkpoint and exit cleanly
 (exit status 128 + the signal). A second signal stops at once (KeyboardInterrupt). Under DDP the ranks agree on
 the stop every few steps, so they all stop after the same step.
+
+A signal sent to the whole process group (Ctrl-C, ``timeout``, SLURM, a container stop) also reaches the DataLoader
+workers. Left alone, a worker dies of it (torch's worker handler re-raises SIGTERM), and torch's SIGCHLD handler
+then raises "DataLoader worker ... is killed by signal" in the trainer, wherever it is. So processes forked while
+training (the workers) start with SIGINT and SIGTERM blocked: the trainer alone takes the stop, checkpoints, and
+shuts its workers down; a worker whose trainer died exits on its own (torch's watchdog).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
 import torch
 
 from okdfast.utils.distributed import DistInfo
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_active = 0  # StopRequested contexts open in this process
+
+
+def _block_stop_signals_in_child() -> None:
+    if _active:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+os.register_at_fork(after_in_child=_block_stop_signals_in_child)
 
 
 class StopRequested:
@@ -21,11 +39,13 @@ class StopRequested:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        global _active
+        for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: leave the default handlers
                 pass
+        _active += 1
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -34,6 +54,8 @@ class StopRequested:
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
+        global _active
+        _active -= 1
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 

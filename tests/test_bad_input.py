@@ -123,14 +123,14 @@ def assert_consistent(run_dir: Path, epochs: int = 2) -> None:
 
 
 def assert_same_rows(run_dir: Path, reference: Path) -> None:
-    """The metrics rows of the uninterrupted run: test metrics equal, the epoch's mean loss terms to float rounding
-    (an epoch split over two processes adds its two parts' sums in another order), times aside."""
+    """The metrics rows of the uninterrupted run: test metrics equal, the epoch's mean loss terms and their shares
+    to float rounding (an epoch split over two processes adds its two parts' sums in another order), times aside."""
     rows, expected = read_rows(run_dir / "metrics.jsonl"), read_rows(reference / "metrics.jsonl")
     assert len(rows) == len(expected)
     for row, ref in zip(rows, expected):
         assert list(row) == list(ref)  # the same columns in the same order
         for key, value in ref.items():
-            if key.startswith("train_"):
+            if key.startswith(("train_", "share_")):  # a share is a ratio of the epoch's train_ sums
                 assert row[key] == pytest.approx(value, rel=1e-6), key
             elif "sec" not in key:
                 assert row[key] == value, key
@@ -175,7 +175,7 @@ CLI_CASES = [
     (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
     (["--weight-decay", "-0.0001"], "--weight-decay -0.0001: must be >= 0"),
     (["--lr-gamma", "0"], "--lr-gamma 0.0: must be > 0"),
-    (["--temperature", "-1"], "--temperature -1.0: must be > 0"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a number in [0.01, 100]"),
     (["--alpha", "-1"], "--alpha -1.0: must be >= 0"),
     (["--rampup-epochs", "-5"], "--rampup-epochs -5.0: must be >= 0"),
     (["--target-ce", "-1"], "--target-ce -1.0: must be >= 0"),
@@ -191,7 +191,7 @@ CLI_CASES = [
     (["--progress", "maybe"], "--progress maybe: use auto, on, off"),
     (["--loader", "nope"], "--loader nope: use auto, gpu, dali, ffcv, torch"),
     (["--ffm", "maybe"], "--ffm maybe: use on, off"),
-    (["--cd-form", "l2"], "--cd-form l2: use frobenius"),
+    (["--cd-form", "l2"], "--cd-form l2: use nontarget_corr, frobenius, abscos, cos2"),
     (["--workers", "-1"], "--workers -1: must be >= 0"),
     (["--nan-check-every", "0"], "--nan-check-every 0: must be >= 1"),
     (["--max-steps", "0"], "--max-steps 0: must be >= 1"),

@@ -35,7 +35,7 @@ from okdfast.kernels import online_kd as kd_kernels  # noqa: E402
 
 from benchmarks import bench_loss  # noqa: E402
 from benchmarks.gpu_checks.ptx import PTXAS, LaunchRecorder, compile_launch  # noqa: E402
-from okdfast.ops import online_kd as online_kd_op  # noqa: E402
+from okdfast.ops import dispatch  # noqa: E402
 from okdfast.ops.online_kd import online_kd  # noqa: E402
 
 SPILL_LIMIT = 64  # bytes per thread; a few bytes (ptxas' choice at <= 64 registers) cost nothing measurable
@@ -57,7 +57,7 @@ def record_online_kd(form: str, dtype: str, shape: tuple[int, int, int]) -> list
     )
     options = bench_loss.form_options(form, shape[1])
     # the recorders stand in for the kernels on these CPU tensors, so the op's "do the kernels run here" is yes
-    kernels_run_here = mock.patch.object(online_kd_op, "use_triton", lambda tensor, float64=False: True)
+    kernels_run_here = mock.patch.object(dispatch, "use_triton", lambda tensor, float64=False: True)
     with LaunchRecorder(kd_kernels) as launches, kernels_run_here:
         loss, _ = online_kd(logits, target, teacher, weights, options, kd_weight, kernel=True)
         loss.backward()

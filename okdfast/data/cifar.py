@@ -22,12 +22,22 @@ case; images as NCHW (N, 3, 32, 32) or CIFAR's flat planar (N, 3072); any intege
 JPEG bytes: ``jpeg_train`` uint8 with ``offsets_train`` (N+1,) (image i is ``jpeg_train[offsets[i]:offsets[i+1]]``),
 the same for ``test``, as in ``cifar10-jpeg.npz``: decoded with Pillow on load and marked lossy.
 
-The pickle files are read with ``pickle``, which can run code stored in a file: read only the official archive.
+The pickle files are read by an unpickler that admits only what the official files contain (dicts, lists, bytes,
+strings, ints and numpy arrays: numpy's array reconstructors, ``ndarray`` and ``dtype``), so a crafted file that
+asks for anything else (``os.system``, any class or function) is refused with one line and runs nothing. The other
+inputs are checked before they are used: an ``.npz`` that is a renamed ``.npy``, splits with too few images, JPEG
+offsets that are not integers, and JPEG files whose header is not 32x32 (a decompression bomb is never decoded).
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import pickle
+import struct
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +61,74 @@ _LAYOUT = {
 # ---------------------------------------------------------------------------------------------------------------
 # python-pickle folders
 # ---------------------------------------------------------------------------------------------------------------
+def _numpy_function(module: str, name: str) -> Any:
+    core = getattr(np, "_core", None)
+    if core is None:  # numpy 1: numpy.core
+        core = np.core
+    return getattr(getattr(core, module), name)
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # How Python 3's protocol-2 pickles write bytes (``_codecs.encode(str, 'latin1')``); no other codec is admitted.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with the codec {encoding[:40]!r}, which CIFAR files never use")
+    return codecs.encode(text, "latin1")
+
+
+# (module, name) -> what the CIFAR pickles may call: the official files (Python 2, protocol 2) reference numpy's
+# array reconstructor, ndarray and dtype; re-pickled copies (Python 3) may use _frombuffer or _codecs.encode.
+_ADMITTED = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_function("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_function("multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_function("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_function("numeric", "_frombuffer"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only :data:`_ADMITTED`: a file asking for any other global is refused before
+    anything of it runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        admitted = _ADMITTED.get((module, name))
+        if admitted is None:
+            raise pickle.UnpicklingError(
+                f"it asks for {module[:60]}.{name[:60]}, which the official CIFAR files never hold; it is refused "
+                "because loading it could run code (a crafted or foreign file)"
+            )
+        return admitted()
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is made only of what CIFAR files hold (no object arrays, nothing nested deep)."""
+    if isinstance(value, np.ndarray):
+        return not value.dtype.hasobject
+    if isinstance(value, bytes | str | int | float):
+        return True
+    if isinstance(value, list | tuple) and depth < 2:
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict) and depth < 2:
+        return all(isinstance(k, bytes | str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     # The official files were written by Python 2: keys (and strings) are bytes.
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(f"{path}: {error}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error, OverflowError) as e:
+        raise ValueError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(d, dict) or not _plain(d):
+        what = "holds other values than bytes, numbers, lists and numeric arrays" if isinstance(d, dict) else (
+            f"is a pickled {type(d).__name__}"
+        )  # fmt: skip
+        raise ValueError(f"{path}: {what}, not the dict of a CIFAR batch")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -134,27 +206,57 @@ def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, where: str) -> np.nda
 
     from PIL import Image
 
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(buffer):
-        raise ValueError(f"{where}: offsets must run from 0 to the buffer's length ({len(buffer)} bytes)")
+    if buffer.ndim != 1 or buffer.dtype != np.uint8:
+        raise ValueError(f"{where}: the JPEG bytes must be one uint8 array, got {buffer.dtype} {buffer.shape}")
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"{where}: offsets must be integers (N+1,), got {offsets.dtype} {offsets.shape}")
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(buffer) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{where}: offsets must rise from 0 to the buffer's length ({len(buffer)} bytes)")
+    offsets = offsets.astype(np.int64)
 
     def decode(i: int) -> np.ndarray:
-        return np.asarray(Image.open(BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below by its size
+                image = Image.open(BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes()))
+                if image.size != (32, 32):  # read from the header: nothing is decoded yet
+                    raise ValueError(f"is {image.size[0]}x{image.size[1]} pixels, not 32x32")
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{where}: image {i} cannot be read as a 32x32 JPEG ({str(error)[:120]})") from None
 
     with ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
         images = list(pool.map(decode, range(len(offsets) - 1), chunksize=512))
     return _as_hwc_uint8(np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8), where)
 
 
+def _open_npz(path: Path) -> Any:
+    """``np.load`` of an ``.npz`` archive (never a pickle), refusing a ``.npy`` array renamed ``.npz``."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: is one .npy array {getattr(loaded, 'shape', '')}, not an .npz archive of named "
+                         "arrays (x_train, y_train, x_test, y_test); save it with np.savez")  # fmt: skip
+    return loaded
+
+
+def _member(z: Any, key: str, path: Path) -> np.ndarray:
+    """One array of an open ``.npz``; a damaged member (bad zlib data, a cut file) as a ValueError naming it."""
+    try:
+        return z[key]
+    except (zlib.error, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path}[{key}]: the array cannot be read ({type(error).__name__}: {error})") from None
+
+
 def npz_is_lossy(path: str | Path) -> bool:
     """Whether an ``.npz`` holds JPEG bytes rather than pixels (decoded on load: lossy)."""
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(Path(path)) as z:
         return "jpeg_train" in {k.lower() for k in z.files}
 
 
 def read_npz(path: str | Path, num_classes: int | None = None) -> dict[str, ArrayDataset]:
     """The splits of an ``.npz`` file (layout in the module docstring): ``train``, ``test``, ``valid`` if present."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         keys = {k.lower(): k for k in z.files}
         out: dict[str, ArrayDataset] = {}
         for split in ("train", "test", "valid"):
@@ -167,10 +269,10 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> dict[str, Arra
                     continue
                 raise ValueError(f"{path}: no {split} arrays; expected keys x_{split}, y_{split}, found {z.files}")
             if kx == jpeg:
-                x = _decode_jpegs(z[jpeg], z[offsets], f"{path}[{jpeg}]")
+                x = _decode_jpegs(_member(z, jpeg, path), _member(z, offsets, path), f"{path}[{jpeg}]")
             else:
-                x = _as_hwc_uint8(z[kx], f"{path}[{kx}]")
-            y = z[ky]
+                x = _as_hwc_uint8(_member(z, kx, path), f"{path}[{kx}]")
+            y = _member(z, ky, path)
             if y.ndim == 2 and y.shape[1] == 1:
                 y = y[:, 0]
             if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -242,6 +344,9 @@ def load_cifar(name: str, roots: list[Path], *, download: bool = False) -> Datas
     else:
         reader = read_cifar10_pickle if name == "cifar10" else read_cifar100_pickle
         (train, test), kind = reader(path), "pickle"
+    if len(train) < 2 or len(test) < 1:  # BatchNorm trains on batches of two or more; the test needs an image
+        raise ValueError(f"{path}: holds {len(train)} training and {len(test)} test images; a run needs at least 2 "
+                         "training images (BatchNorm trains on batch statistics) and 1 test image")  # fmt: skip
     lossy = path.is_file() and npz_is_lossy(path)
     provenance = describe(path, name, len(train), len(test), lossy=lossy)
     source = f"{path.absolute()} ({kind})" + ("" if provenance.official else f" [{provenance.label}]")

@@ -27,15 +27,21 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TEMPERATURE_RANGE = (0.01, 100.0)
 
 
-def temperature_error(value: object, name: str = "temperature") -> str | None:
-    """The one-line complaint about a temperature, or None when it is a number inside TEMPERATURE_RANGE."""
+def temperature_problem(value: object) -> str | None:
+    """What is wrong with a temperature (None when it is a number inside TEMPERATURE_RANGE); the callers name it."""
     low, high = TEMPERATURE_RANGE
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         return (
-            f"{name}={value!r}: must be a number in [{low:g}, {high:g}] (outside it the float32 KL loses its "
-            "precision or overflows; T = 1 is the plain softmax)"
+            f"must be a number in [{low:g}, {high:g}] (outside it the float32 KL loses its precision or overflows; "
+            "T = 1 is the plain softmax)"
         )
     return None
+
+
+def temperature_error(value: object, name: str = "temperature") -> str | None:
+    """The one-line complaint of a Python API about a temperature (``name=value: ...``), or None when it is fine."""
+    problem = temperature_problem(value)
+    return f"{name}={value!r}: {problem}" if problem else None
 
 
 def check_shared_options(options: object, finite: tuple[str, ...]) -> None:

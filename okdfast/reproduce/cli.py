@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from okdfast.config import OneLineParser, read_yaml
 from okdfast.reproduce.estimate import Speed, SpeedBook, device_label, format_duration, run_device, run_seconds
-from okdfast.reproduce.plan import PlannedRun, build_plan
+from okdfast.reproduce.plan import PlannedRun, build_plan, path_part
 from okdfast.reproduce.results import collect, readme_block, update_readme, write_results
 from okdfast.reproduce.runner import Interrupted, execute
 from okdfast.reproduce.tables import Catalog, Table, load_catalog
@@ -35,7 +36,7 @@ REPO_README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m okdfast.reproduce",
         description=__doc__.splitlines()[0],
         epilog="Unknown flags are passed on to every run's okdfast.train (python -m okdfast.train --help).",
@@ -88,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-file", default=None, help="tables data file (default okdfast/paper_tables.yaml)")
     return parser
+
+
+def read_catalog(data_file: str | None) -> Catalog:
+    """The tables file (``--data-file``, default okdfast/paper_tables.yaml), read first as okdfast reads every YAML
+    file (okdfast.config.read_yaml: plain values only, bounded) and checked for its two sections, so that a file of
+    another shape is one line naming it, never a traceback from inside the reader."""
+    if data_file is not None:
+        data = read_yaml(data_file, str(data_file))
+        for section in ("schedules", "tables"):
+            if not isinstance(data, dict) or not isinstance(data.get(section), dict):
+                got = f"a {type(data).__name__}" if not isinstance(data, dict) else f"no {section!r} mapping"
+                raise ValueError(f"{data_file}: expected a mapping with 'schedules' and 'tables' (the layout of "
+                                 f"okdfast/paper_tables.yaml), got {got}")  # fmt: skip
+        try:
+            return load_catalog(data_file)
+        except (AttributeError, TypeError) as error:  # a section of another shape than the tables file's
+            raise ValueError(f"{data_file}: not laid out as okdfast/paper_tables.yaml ({error})") from None
+    return load_catalog(None)
 
 
 def list_tables(catalog: Catalog) -> str:
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        catalog = load_catalog(args.data_file)
+        catalog = read_catalog(args.data_file)
     except (OSError, ValueError, KeyError) as error:
         parser.error(f"--data-file: {error}")
     if args.list_tables:
@@ -231,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         schedule = catalog.schedule(args.schedule or table.default_schedule)
     except KeyError as error:
         parser.error(str(error.args[0]))
-    out = Path(args.out) if args.out else Path("runs") / "reproduce" / f"{table.name}_{schedule.name}"
+    try:  # the names of the tables file become file names: none may leave --out
+        out_name = f"{path_part('table', table.name)}_{path_part('schedule', schedule.name)}"
+    except ValueError as error:
+        parser.error(f"--data-file {catalog.path}: {error}")
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / out_name
     seeds = args.seeds if args.seeds is not None else table.seeds
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()] if text else None
     try:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from okdfast.config import TrainConfig, build_parser, parse_config
+from okdfast.config import TrainConfig, build_parser, parse_config, read_yaml
 from okdfast.recipe import SESSION_FIELDS, TUNABLE_FIELDS, is_unset, same_value
 from okdfast.reproduce.tables import Catalog, Schedule, Table
 from okdfast.utils.metrics_log import read_rows
@@ -105,7 +104,7 @@ def run_status(run_dir: Path, config: TrainConfig) -> tuple[str, int]:
     """('finished' | 'partial' | 'new', epochs done). Raises when the folder holds a different run."""
     config_file = run_dir / "config.yaml"
     if config_file.is_file() and ((run_dir / "last.pt").is_file() or (run_dir / "summary.json").is_file()):
-        stored = yaml.safe_load(config_file.read_text()) or {}
+        stored = _mapping(read_yaml(config_file, str(config_file)) or {}, config_file)
         planned = config.to_dict()
         if planned.get("branches") is None:
             planned["branches"] = stored.get("branches")  # the run resolved the method's default K
@@ -120,12 +119,37 @@ def run_status(run_dir: Path, config: TrainConfig) -> tuple[str, int]:
                 f"run folder {run_dir} holds another run ({detail}): pass another --out, or remove the folder"
             )
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = _mapping(_read_json(summary_file), summary_file) if summary_file.is_file() else {}
     if summary.get("finished") and summary.get("epochs_done", -1) >= config.epochs:
         return "finished", int(summary["epochs_done"])
     if (run_dir / "last.pt").is_file():
         return "partial", _epochs_done(run_dir, summary)
     return "new", 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)[:120]
+        raise ValueError(f"{path}: cannot be read as JSON ({reason}); okdfast.train writes it whole, so a copy "
+                         "was cut short or it was edited: restore it, or remove the run folder") from None  # fmt: skip
+
+
+def _mapping(value: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a {type(value).__name__}, not the mapping okdfast.train writes")
+    return value
+
+
+def path_part(kind: str, name: Any) -> str:
+    """``name`` as one component of a path (a table, schedule, method variant, arch or data set name from the
+    tables file): never a separator, '..' or an absolute path, so that no name writes outside ``--out``."""
+    text = str(name)
+    if not text or text in (".", "..") or any(c in text for c in ("/", "\\", "\0", os.sep)):
+        raise ValueError(f"{kind} {text[:60]!r}: not usable in a file name (no '/', '\\', '..' or empty names); "
+                         "rename it in the tables file")  # fmt: skip
+    return text
 
 
 def _epochs_done(run_dir: Path, summary: dict[str, Any]) -> int:
@@ -168,13 +192,15 @@ def build_plan(
     for seed in seeds:
         for cell in cells:
             variant = catalog.variant(cell.method)
-            run_dir = out / f"{cell.method}_{cell.arch}_{table.dataset}_s{seed}"
+            parts = [path_part(kind, v) for kind, v in (("method", cell.method), ("arch", cell.arch),
+                                                        ("dataset", table.dataset))]  # fmt: skip
+            run_dir = out / f"{'_'.join(parts)}_s{seed}"
             own = values_to_argv(variant.train)
             own += ["--method", variant.method, "--arch", cell.arch, "--dataset", table.dataset, "--seed", str(seed)]
             own += ["--out", str(run_dir), "--resume", "auto"]
             argv = common + own
             if "--progress" not in argv:
                 argv += ["--progress", "off"]  # logs, not a progress bar, when stdout goes to a file
-            config, _ = parse_config(argv)
+            config, _ = parse_config(argv, note=lambda line: None)  # the run's own log warns, not the plan
             runs.append(PlannedRun(len(runs) + 1, cell.method, cell.arch, seed, run_dir, argv, config).refresh())
     return runs

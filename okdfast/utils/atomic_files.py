@@ -38,6 +38,8 @@ class RunFolderWriteError(UserError, OSError):
 
 
 def _fix_for(error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "it is a symbolic link, and okdfast writes a run folder's files only inside it: remove the link"
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "free space on that disk (or raise the quota / file-size limit), or pass --out on another disk"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -77,14 +79,15 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Replace ``path`` by ``data`` atomically (same-folder temporary file, fsync, rename, fsync of the folder)."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
+    tmp_name = None
+    try:  # mkstemp too: a read-only folder or one out of inodes fails there
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _FILE_MODE)
             _write_all(handle, data, path)
         os.replace(tmp_name, path)
     except BaseException as error:
-        if os.path.exists(tmp_name):
+        if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
         if isinstance(error, OSError) and not isinstance(error, UserError):
             raise write_error(path, error, f"The previous {path.name}, if any, is untouched.") from error
@@ -127,8 +130,9 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append whole lines (``text`` ends with a newline) in one write, flushed and fsynced. A last line a kill cut
     short (no newline) is dropped first, so that it never merges with the next line into one damaged line."""
     path = Path(path)
-    try:
-        with open(path, "a+b") as handle:
+    try:  # never through a symbolic link: a run folder's log must not append to a file elsewhere
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "a+b") as handle:
             _drop_cut_line(handle)
             _write_all(handle, text.encode("utf-8"), path)
     except OSError as error:
@@ -149,6 +153,11 @@ def _drop_cut_line(handle: IO[bytes]) -> None:
     handle.seek(start)
     cut = handle.read(end - start).rfind(b"\n")
     handle.truncate(start + cut + 1 if cut >= 0 else 0)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an atomic write (``.NAME.<random>.tmp``)."""
+    return _TEMP.match(name) is not None
 
 
 def orphaned_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:

@@ -35,17 +35,28 @@ def setup_distributed(device_arg: str) -> tuple[DistInfo, torch.device]:
 
     Returns the process's DistInfo and its device (cuda:LOCAL_RANK under torchrun on CUDA).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", "1", 1)
     device = resolve_device(device_arg)
     if world_size == 1:
         return DistInfo(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", None, 0, world_size - 1), _env_int("LOCAL_RANK", "0", 0)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, local_rank, world_size), device
+
+
+def _env_int(name: str, default: str | None, low: int, high: int | None = None) -> int:
+    """torchrun's variable ``name`` as an int in [low, high], or a ConfigError (set by hand without torchrun?)."""
+    text = os.environ.get(name, default)
+    value = int(text) if text is not None and text.strip().isdigit() else None
+    if value is None or value < low or (high is not None and value > high):
+        got = "is not set" if text is None else f"is {text[:40]!r}"
+        raise ConfigError(f"${name} {got}: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK (integers, 0 <= RANK < "
+                          "WORLD_SIZE); start with torchrun, or unset WORLD_SIZE for one process")  # fmt: skip
+    return value
 
 
 def resolve_device(device_arg: str) -> torch.device:

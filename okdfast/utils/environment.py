@@ -38,6 +38,27 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() elsewhere), None when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def cpu_capability() -> str | None:
+    """The instruction set torch's CPU kernels run with (``torch.backends.cpu.get_cpu_capability()``: DEFAULT, AVX2,
+    AVX512, ...; ATEN_CPU_CAPABILITY lowers it). CPU results are bit-exact only under the same one."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch < 2.1
+        return None
+
+
 def environment_manifest(device: torch.device) -> dict[str, Any]:
     try:
         import triton
@@ -56,6 +77,9 @@ def environment_manifest(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
         "device_name": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),  # set: the capability was lowered by hand
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
