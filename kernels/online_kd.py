@@ -54,7 +54,16 @@ import triton.language as tl
 MAX_TILE = 2048  # elements of a [BLOCK_K, BLOCK_C] tile (about a dozen such fp32 tiles are live in the backward)
 MAX_TILE_3D = 4096  # elements of the [TB, BLOCK_K, BLOCK_C] product that forms per-branch teachers from weights
 NUM_STATS = 7  # per-row statistics saved for the backward: m, log_s1, log_st, kl|r (branches), m_t, log_s1_t, log_st_t
-TEACHER_MEAN, TEACHER_EXPLICIT, TEACHER_WEIGHTS = 0, 1, 2
+# TEACHER_ATTENTION: MDE's head. The weights are formed in the kernel from the FFM's attention logits (softmax over
+# the M = K-1 auxiliaries, one row shared by them or one row each; the leader's row the uniform mean), and the
+# prediction-space CD (the non-target correlation of the auxiliaries) is computed in the same pass.
+TEACHER_MEAN, TEACHER_EXPLICIT, TEACHER_WEIGHTS, TEACHER_ATTENTION = 0, 1, 2, 3
+CD_EPS = 1e-8  # the norm floor of okdfast.ops.reference.nontarget_correlation_rows
+
+
+def stat_slots(block_k: int, cd: bool) -> int:
+    """Rows of BLOCK_K statistics per sample: NUM_STATS, and with the CD the non-target mean, r and A (BLOCK_K)."""
+    return NUM_STATS + (2 + block_k if cd else 0)
 
 
 def _pow2(n: int) -> int:
@@ -122,6 +131,45 @@ def _teacher_tile(
 
 
 @triton.jit
+def _load_weights(
+    w_ptr,
+    row,
+    stride_wb,
+    stride_wt,
+    stride_wk,
+    offs_t,
+    offs_k,
+    mask_tk,
+    K,
+    attention_temperature,
+    TB: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """[TB, BLOCK_K] teacher weights over the branches: loaded (TEACHER_MODE 2), or MDE's (TEACHER_MODE 3): row
+    r < K-1 is softmax(a_r / tau) over the K-1 auxiliaries (a_r the attention logits, stride_wt 0 when one row is
+    shared), row K-1 (the leader's target) 1/(K-1) on every auxiliary; zero on the leader's column."""
+    w = tl.zeros([TB, BLOCK_K], ACC)
+    if TEACHER_MODE == 2:
+        w_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=mask_tk, other=0.0).to(ACC)
+    elif TEACHER_MODE == 3:
+        aux_t = offs_t < K - 1
+        aux_k = offs_k < K - 1
+        mask_a = aux_t[:, None] & aux_k[None, :]
+        a_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0).to(ACC) / attention_temperature
+        a = tl.where(mask_a, a, float("-inf"))
+        a_max = tl.where(aux_t, tl.max(a, axis=1), 0.0)
+        e = tl.where(mask_a, tl.exp(a - a_max[:, None]), 0.0)
+        total = tl.where(aux_t, tl.sum(e, axis=1), 1.0)
+        leader = (offs_t == K - 1)[:, None] & aux_k[None, :]
+        w = tl.where(leader, 1.0 / (K - 1).to(ACC), e / total[:, None])  # in ACC: 1/3 exact to float64 too
+    return w
+
+
+@triton.jit
 def _widen(x, BLOCK_K: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
     """[TB] -> [BLOCK_K]: a one-row teacher's value repeated (TB == 1), else x itself (TB == BLOCK_K)."""
     if TB == 1:
@@ -153,8 +201,8 @@ def _online_kd_fwd_kernel(
     stride_wk,
     kdw_ptr,  # [1] device-side multiplier of kd_weight (read when HAS_KDW: a ramp-up w(e))
     loss_ptr,  # [B] weighted per-row loss (ACC)
-    terms_ptr,  # [B, 3] unweighted per-row ce, teacher_ce, kd (ACC)
-    stats_ptr,  # [B, NUM_STATS, BLOCK_K] statistics for the backward (ACC)
+    terms_ptr,  # [B, NUM_TERMS] unweighted per-row ce, teacher_ce, kd (and cd) (ACC)
+    stats_ptr,  # [B, STATS, BLOCK_K] statistics for the backward (ACC)
     K,
     KT,  # teacher rows: 1 or K
     C,
@@ -164,14 +212,19 @@ def _online_kd_fwd_kernel(
     ce_weight,
     kd_weight,
     teacher_ce_weight,
+    attention_temperature,  # tau of the attention softmax (TEACHER_MODE 3)
+    cd_weight,  # lambda of the CD term (HAS_CD)
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TB: tl.constexpr,  # rows of the teacher tile: 1 or BLOCK_K
-    TEACHER_MODE: tl.constexpr,  # 0 mean of the branches, 1 explicit logits, 2 weights over the branches
+    TEACHER_MODE: tl.constexpr,  # 0 mean, 1 explicit logits, 2 weights over the branches, 3 MDE's attention
     PEER: tl.constexpr,  # DML: branch k distils from every other branch
     HAS_KD: tl.constexpr,
     HAS_KDW: tl.constexpr,
     TCE_MASK: tl.constexpr,  # bit r: teacher row r gets the teacher CE (0: no teacher CE)
+    HAS_CD: tl.constexpr,  # the non-target correlation of the first K-1 branches (MDE's prediction-space CD)
+    STATS: tl.constexpr,  # stat_slots(BLOCK_K, HAS_CD)
+    NUM_TERMS: tl.constexpr,  # 3, or 4 with the CD
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -182,13 +235,13 @@ def _online_kd_fwd_kernel(
     mask_t = offs_t < KT
     z_rows = z_ptr + row * stride_zb + offs_k.to(tl.int64) * stride_zk  # [BLOCK_K]
     t_rows = t_ptr + row * stride_tb + offs_t.to(tl.int64) * stride_tk  # [TB]
-    stats = stats_ptr + row * (7 * BLOCK_K) + offs_k  # [BLOCK_K] slot 0; slot s at + s * BLOCK_K
+    stats = stats_ptr + row * (STATS * BLOCK_K) + offs_k  # [BLOCK_K] slot 0; slot s at + s * BLOCK_K
 
     y = tl.load(y_ptr + row * stride_y)
     if y == ignore_index:  # ignored row: zero loss, terms and statistics (the backward writes it zero gradients)
         tl.store(loss_ptr + row, 0.0)
-        tl.store(terms_ptr + row * 3 + tl.arange(0, 4), tl.zeros([4], ACC), mask=tl.arange(0, 4) < 3)
-        for slot in tl.static_range(7):
+        tl.store(terms_ptr + row * NUM_TERMS + tl.arange(0, 4), tl.zeros([4], ACC), mask=tl.arange(0, 4) < NUM_TERMS)
+        for slot in tl.static_range(STATS):
             tl.store(stats + slot * BLOCK_K, tl.zeros([BLOCK_K], ACC))
         return
 
@@ -199,10 +252,9 @@ def _online_kd_fwd_kernel(
     if HAS_KDW:
         kd_weight = kd_weight * tl.load(kdw_ptr).to(ACC)
     neg_inf = float("-inf")
-    w = tl.zeros([TB, BLOCK_K], ACC)
-    if TEACHER_MODE == 2:
-        w_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
-        w = tl.load(w_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(ACC)
+    mask_tk = mask_t[:, None] & mask_k[None, :]
+    w = _load_weights(w_ptr, row, stride_wb, stride_wt, stride_wk, offs_t, offs_k, mask_tk, K,
+                      attention_temperature, TB, BLOCK_K, TEACHER_MODE, ACC)  # fmt: skip
 
     # ---- one pass over C: online statistics of every branch row and every teacher row -------------------------
     # Sums are taken relative to the running maxima (m_ref: the max, or 0 while nothing finite was seen).
@@ -219,6 +271,11 @@ def _online_kd_fwd_kernel(
     s1_t = tl.zeros([TB], ACC)
     st_t = tl.zeros([TB], ACC)
     sum_t = tl.zeros([TB], ACC)
+    # CD: count, mean and centred co-moments of e^{(z_k - m_k)/T} over the non-target classes, merged chunk by chunk
+    # (Chan et al.), rescaled with the running maxima: no sum of squares minus a squared sum to cancel in float32
+    n_cd = tl.sum(tl.zeros([2], ACC), axis=0)  # a scalar of the accumulation dtype
+    mean_cd = tl.zeros([BLOCK_K], ACC)
+    co_cd = tl.zeros([BLOCK_K, BLOCK_K], ACC)
     for start in range(0, C, BLOCK_C):
         cols = start + offs_c
         mask_c = cols < C
@@ -250,6 +307,21 @@ def _online_kd_fwd_kernel(
         else:
             cross = alpha_tt * (cross + (shift - shift_t) * st_t) + tl.sum(et_t * (tc - zc), axis=1)
 
+        if HAS_CD:
+            other = mask_c & (cols != y)  # the non-target classes of this chunk
+            n_b = tl.sum(other.to(ACC), axis=0)
+            e_b = tl.where(mask & other[None, :], et, 0.0)
+            mean_b = tl.sum(e_b, axis=1) / tl.maximum(n_b, 1.0)
+            dev = tl.where(mask & other[None, :], et - mean_b[:, None], 0.0)
+            co_b = tl.sum(dev[:, None, :] * dev[None, :, :], axis=2)
+            mean_cd = mean_cd * alpha_t
+            co_cd = co_cd * alpha_t[:, None] * alpha_t[None, :]
+            n_ab = n_cd + n_b
+            delta = mean_b - mean_cd
+            frac = n_b / tl.maximum(n_ab, 1.0)
+            co_cd = co_cd + co_b + delta[:, None] * delta[None, :] * (n_cd * frac)
+            mean_cd = mean_cd + delta * frac
+            n_cd = n_ab
         s1 = s1 * tl.exp(m - m_ref_new) + tl.sum(e1, axis=1)
         st = st * alpha_t + tl.sum(et, axis=1)
         sum_z += tl.sum(z, axis=1)
@@ -277,6 +349,34 @@ def _online_kd_fwd_kernel(
     else:
         ty = tl.sum(w * zy[None, :], axis=1)
 
+    cd = 0.0
+    if HAS_CD:
+        # In units of p = e / st: M_ij = co_ij / (st_i st_j), n_i = sqrt(M_ii) floored at CD_EPS, the row's term
+        # (1/P) sum_{i<j<K-1} M_ij / (n_i n_j). Its gradient (the backward): d cd / d u_i = sum_j A_ij u_j for the
+        # centred non-target p u_i, with A_ij = c / (n_i n_j) (j != i) and A_ii = -c sum_{j!=i} corr_ij / n_i^2,
+        # c = 1/P; through the softmax d cd / d z_i = (1/T) p_i (g_i - r_i), r_i = sum_j A_ij M_ij.
+        eye = offs_k[:, None] == offs_k[None, :]
+        aux = offs_k < K - 1
+        norm_raw = tl.sqrt(tl.maximum(tl.sum(tl.where(eye, co_cd, 0.0), axis=1), 0.0)) / st
+        norm = tl.maximum(norm_raw, 1e-8)
+        gram = co_cd / (st[:, None] * st[None, :])
+        corr = gram / (norm[:, None] * norm[None, :])
+        num_pairs = (K - 1) * (K - 2) // 2
+        c_pair = 1.0 / num_pairs.to(ACC)
+        pair = (offs_k[:, None] < offs_k[None, :]) & aux[None, :]
+        cd = tl.sum(tl.sum(tl.where(pair, corr, 0.0), axis=1), axis=0) * c_pair
+        off = aux[:, None] & aux[None, :] & (offs_k[:, None] != offs_k[None, :])
+        a_cd = tl.where(off, c_pair / (norm[:, None] * norm[None, :]), 0.0)
+        row_corr = tl.sum(tl.where(off, corr, 0.0), axis=1)
+        a_diag = tl.where(aux & (norm_raw >= 1e-8), -c_pair * row_corr / (norm * norm), 0.0)  # floored: no norm term
+        a_cd = a_cd + tl.where(eye, a_diag[:, None], 0.0)
+        r_cd = tl.sum(a_cd * gram, axis=1)
+        tl.store(stats + 7 * BLOCK_K, mean_cd / st)
+        tl.store(stats + 8 * BLOCK_K, r_cd)
+        # A row-major in slots 9.. (A_ij at slot 9 + i, column j): A is symmetric, so the slot order is immaterial
+        a_ptrs = stats_ptr + row * (STATS * BLOCK_K) + (9 + offs_k[:, None]) * BLOCK_K + offs_k[None, :]
+        tl.store(a_ptrs, a_cd)
+
     # CE_eps(z, y) = lse - (1 - eps) z_y - eps mean_c z = log_s1 + (1 - eps) (m - z_y) + eps (m - mean_c z)
     ce_k = log_s1 + (1.0 - eps) * (m_ref - zy) + eps * (m_ref - sum_z / C)
     ce = tl.sum(tl.where(mask_k, ce_k, 0.0), axis=0)
@@ -298,10 +398,13 @@ def _online_kd_fwd_kernel(
         loss += teacher_ce_weight * tce
     if HAS_KD:
         loss += kd_weight * kd
+    if HAS_CD:
+        loss += cd_weight * cd
     nan = float("nan")
     tl.store(loss_ptr + row, tl.where(y_ok, loss, nan))
-    terms = tl.where(tl.arange(0, 4) == 0, ce, tl.where(tl.arange(0, 4) == 1, tce, kd))
-    tl.store(terms_ptr + row * 3 + tl.arange(0, 4), tl.where(y_ok, terms, nan), mask=tl.arange(0, 4) < 3)
+    slot4 = tl.arange(0, 4)
+    terms = tl.where(slot4 == 0, ce, tl.where(slot4 == 1, tce, tl.where(slot4 == 2, kd, cd)))
+    tl.store(terms_ptr + row * NUM_TERMS + slot4, tl.where(y_ok, terms, nan), mask=slot4 < NUM_TERMS)
     tl.store(stats, m_ref)
     tl.store(stats + BLOCK_K, log_s1)
     tl.store(stats + 2 * BLOCK_K, log_st)
@@ -320,15 +423,16 @@ def _online_kd_fwd_kernel(
 @triton.jit
 def _online_kd_reduce_kernel(
     loss_rows_ptr,  # [B] (ACC)
-    terms_ptr,  # [B, 3] (ACC)
+    terms_ptr,  # [B, NUM_TERMS] (ACC)
     y_ptr,  # [B] int64 labels, any stride
     stride_y,
     loss_ptr,  # [] reduced loss (ACC)
-    summary_ptr,  # [4] mean ce, mean teacher_ce, mean kd over the valid rows, number of valid rows (ACC)
+    summary_ptr,  # [NUM_TERMS + 1] each term's mean over the valid rows, then the number of valid rows (ACC)
     B,
     ignore_index,
     MEAN: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    NUM_TERMS: tl.constexpr,  # 3 (ce, teacher_ce, kd) or 4 (and cd)
     ACC: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
@@ -336,15 +440,18 @@ def _online_kd_reduce_kernel(
     ce = tl.zeros([BLOCK_B], ACC)
     tce = tl.zeros([BLOCK_B], ACC)
     kd = tl.zeros([BLOCK_B], ACC)
+    cd = tl.zeros([BLOCK_B], ACC)
     count = tl.zeros([BLOCK_B], ACC)
     for start in range(0, B, BLOCK_B):
         rows = (start + offs).to(tl.int64)
         mask = rows < B
         y = tl.load(y_ptr + rows * stride_y, mask=mask, other=ignore_index)
         total += tl.load(loss_rows_ptr + rows, mask=mask, other=0.0)
-        ce += tl.load(terms_ptr + rows * 3, mask=mask, other=0.0)
-        tce += tl.load(terms_ptr + rows * 3 + 1, mask=mask, other=0.0)
-        kd += tl.load(terms_ptr + rows * 3 + 2, mask=mask, other=0.0)
+        ce += tl.load(terms_ptr + rows * NUM_TERMS, mask=mask, other=0.0)
+        tce += tl.load(terms_ptr + rows * NUM_TERMS + 1, mask=mask, other=0.0)
+        kd += tl.load(terms_ptr + rows * NUM_TERMS + 2, mask=mask, other=0.0)
+        if NUM_TERMS == 4:
+            cd += tl.load(terms_ptr + rows * NUM_TERMS + 3, mask=mask, other=0.0)
         count += tl.where(mask & (y != ignore_index), 1.0, 0.0)
     n_valid = tl.sum(count, axis=0)
     loss = tl.sum(total, axis=0)
@@ -354,7 +461,9 @@ def _online_kd_reduce_kernel(
     tl.store(summary_ptr, tl.sum(ce, axis=0) / n_valid)
     tl.store(summary_ptr + 1, tl.sum(tce, axis=0) / n_valid)
     tl.store(summary_ptr + 2, tl.sum(kd, axis=0) / n_valid)
-    tl.store(summary_ptr + 3, n_valid)
+    if NUM_TERMS == 4:
+        tl.store(summary_ptr + 3, tl.sum(cd, axis=0) / n_valid)
+    tl.store(summary_ptr + NUM_TERMS, n_valid)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,13 +488,14 @@ def _online_kd_bwd_kernel(
     stride_wt,
     stride_wk,
     kdw_ptr,  # [1] device-side multiplier of kd_weight (HAS_KDW)
-    stats_ptr,  # [B, NUM_STATS, BLOCK_K] from the forward (ACC)
-    summary_ptr,  # [4] from the reduce kernel; [3] is the number of valid rows (read when MEAN)
+    stats_ptr,  # [B, STATS, BLOCK_K] from the forward (ACC)
+    summary_ptr,  # [NUM_TERMS + 1] from the reduce kernel; [NUM_TERMS] is the number of valid rows (read when MEAN)
     gout_ptr,  # [] or [B] grad_output
     stride_gout,  # 0 for a scalar grad_output
     gz_ptr,  # [B, K, C] contiguous d loss / d logits (logits dtype)
     gt_ptr,  # [B, KT, C] contiguous d loss / d teacher (teacher dtype; WRITE_GT)
-    gw_ptr,  # [B, KT, K] contiguous d loss / d weights (ACC; WRITE_GW)
+    gw_ptr,  # [B, KT, K] contiguous d loss / d weights (ACC; WRITE_GW), or [B, TA, K-1] d loss / d attention logits
+    # (TEACHER_MODE 3; TA = 1 for one shared attention row (stride_wt 0), else K-1)
     K,
     KT,
     C,
@@ -395,6 +505,8 @@ def _online_kd_bwd_kernel(
     ce_weight,
     kd_weight,
     teacher_ce_weight,
+    attention_temperature,
+    cd_weight,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TB: tl.constexpr,
@@ -409,6 +521,11 @@ def _online_kd_bwd_kernel(
     WRITE_GZ: tl.constexpr,
     WRITE_GT: tl.constexpr,
     WRITE_GW: tl.constexpr,
+    HAS_CD: tl.constexpr,
+    CD_GRAD: tl.constexpr,  # HAS_CD and cd_weight != 0
+    ATTN_SHARED: tl.constexpr,  # TEACHER_MODE 3: one attention row for every auxiliary (stride_wt 0)
+    STATS: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -423,8 +540,16 @@ def _online_kd_bwd_kernel(
     gz_rows = gz_ptr + (row * K + offs_k.to(tl.int64)) * C  # [BLOCK_K]
     gt_rows = gt_ptr + (row * KT + offs_t.to(tl.int64)) * C  # [TB]
     gw_tile = gw_ptr + row * KT * K + offs_t[:, None].to(tl.int64) * K + offs_k[None, :]  # [TB, BLOCK_K]
-    stats = stats_ptr + row * (7 * BLOCK_K) + offs_k
-    stats_t = stats_ptr + row * (7 * BLOCK_K) + offs_t
+    stats = stats_ptr + row * (STATS * BLOCK_K) + offs_k
+    stats_t = stats_ptr + row * (STATS * BLOCK_K) + offs_t
+    aux_tk = (offs_t < K - 1)[:, None] & (offs_k < K - 1)[None, :]  # the attention's entries (TEACHER_MODE 3)
+    mask_ga = aux_tk
+    if TEACHER_MODE == 3:  # d loss / d attention logits: (B, 1, K-1) shared, or (B, K-1, K-1)
+        if ATTN_SHARED:
+            mask_ga = aux_tk & (offs_t == 0)[:, None]
+            gw_tile = gw_ptr + row * (K - 1) + offs_t[:, None].to(tl.int64) * 0 + offs_k[None, :]
+        else:
+            gw_tile = gw_ptr + row * (K - 1) * (K - 1) + offs_t[:, None].to(tl.int64) * (K - 1) + offs_k[None, :]
 
     y = tl.load(y_ptr + row * stride_y)
     if y == ignore_index:  # ignored row: zero gradients, whatever its logits hold
@@ -437,7 +562,7 @@ def _online_kd_bwd_kernel(
                 zero_t = tl.zeros([TB, BLOCK_C], ACC).to(gt_ptr.dtype.element_ty)
                 tl.store(gt_rows[:, None] + cols[None, :], zero_t, mask=mask_t[:, None] & (cols < C)[None, :])
         if WRITE_GW:
-            tl.store(gw_tile, tl.zeros([TB, BLOCK_K], ACC), mask=mask_tk)
+            tl.store(gw_tile, tl.zeros([TB, BLOCK_K], ACC), mask=mask_ga if TEACHER_MODE == 3 else mask_tk)
         return
 
     y_ok = (y >= 0) & (y < C)
@@ -447,12 +572,10 @@ def _online_kd_bwd_kernel(
         kd_weight = kd_weight * tl.load(kdw_ptr).to(ACC)
     scale = tl.load(gout_ptr + row * stride_gout).to(ACC)
     if MEAN:
-        scale = scale / tl.load(summary_ptr + 3).to(ACC)
+        scale = scale / tl.load(summary_ptr + NUM_TERMS).to(ACC)
     scale = tl.where(y_ok, scale, float("nan"))
-    w = tl.zeros([TB, BLOCK_K], ACC)
-    if TEACHER_MODE == 2:
-        w_ptrs = w_ptr + row * stride_wb + offs_t[:, None].to(tl.int64) * stride_wt + offs_k[None, :] * stride_wk
-        w = tl.load(w_ptrs, mask=mask_tk, other=0.0).to(ACC)
+    w = _load_weights(w_ptr, row, stride_wb, stride_wt, stride_wk, offs_t, offs_k, mask_tk, K,
+                      attention_temperature, TB, BLOCK_K, TEACHER_MODE, ACC)  # fmt: skip
     m_ref = tl.load(stats)
     log_s1 = tl.load(stats + BLOCK_K)
     log_st = tl.load(stats + 2 * BLOCK_K)
@@ -463,6 +586,10 @@ def _online_kd_bwd_kernel(
     selected = mask_t & (((tl.full([TB], TCE_MASK, tl.int32) >> offs_t) & 1) == 1)
     smooth_off = eps / C  # the label-smoothed target: 1 - eps + eps/C at y, eps/C elsewhere
     gw = tl.zeros([TB, BLOCK_K], ACC)
+    if CD_GRAD:  # the forward's CD coefficients (the kernel's module docstring and the forward)
+        mean_cd = tl.load(stats + 7 * BLOCK_K)
+        r_cd = tl.load(stats + 8 * BLOCK_K)
+        a_cd = tl.load(stats_ptr + row * (STATS * BLOCK_K) + (9 + offs_k[:, None]) * BLOCK_K + offs_k[None, :])
     for start in range(0, C, BLOCK_C):
         cols = start + offs_c
         mask_c = cols < C
@@ -475,6 +602,11 @@ def _online_kd_bwd_kernel(
         log_p = zc * inv_t - log_st[:, None]  # log softmax(z_k / T)
         p = tl.exp(log_p)
         gz = ce_weight * (tl.exp(zc - log_s1[:, None]) - target)
+        if CD_GRAD:
+            other = mask & (cols != y)[None, :]
+            u = tl.where(other, p - mean_cd[:, None], 0.0)
+            g_cd = tl.where(other, tl.sum(a_cd[:, :, None] * u[None, :, :], axis=1), 0.0)
+            gz += (cd_weight * inv_t) * p * (g_cd - r_cd[:, None])
         gt = tl.zeros([TB, BLOCK_C], ACC)
         if TCE_MASK != 0:
             tce_grad = teacher_ce_weight * (tl.exp(t - mt_ref[:, None] - log_s1_t[:, None]) - target)
@@ -502,7 +634,7 @@ def _online_kd_bwd_kernel(
             gt = tl.where(mask_tc, gt, 0.0)
             if TEACHER_MODE == 0:  # t = mean_k z_k: its gradient reaches every branch with weight 1/K
                 gz += gt / K
-            elif TEACHER_MODE == 2:  # t_r = sum_j W_rj z_j
+            else:  # t_r = sum_j W_rj z_j
                 gz += tl.sum(w[:, :, None] * gt[:, None, :], axis=0)
                 if WRITE_GW:
                     gw += tl.sum(gt[:, None, :] * z[None, :, :], axis=2)
@@ -511,7 +643,15 @@ def _online_kd_bwd_kernel(
         if WRITE_GT:
             tl.store(gt_rows[:, None] + cols[None, :], (gt * scale).to(gt_ptr.dtype.element_ty), mask=mask_tc)
     if WRITE_GW:
-        tl.store(gw_tile, gw * scale, mask=mask_tk)
+        if TEACHER_MODE == 3:
+            # through the attention softmax of each auxiliary row: da_rj = (1/tau) W_rj (gW_rj - sum_j' W_rj' gW_rj')
+            gw = tl.where(aux_tk, gw, 0.0)
+            ga = tl.where(aux_tk, w * (gw - tl.sum(w * gw, axis=1)[:, None]) / attention_temperature, 0.0)
+            if ATTN_SHARED:  # one row shared by every auxiliary's target: the rows' gradients add up
+                ga = tl.zeros([TB, BLOCK_K], ACC) + tl.sum(ga, axis=0)[None, :]
+            tl.store(gw_tile, ga * scale, mask=mask_ga)
+        else:
+            tl.store(gw_tile, gw * scale, mask=mask_tk)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,14 +684,20 @@ def _acc(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 class _Layout:
-    """The teacher's form as kernel arguments: mode, rows KT, and the (teacher, weights) pointers and strides."""
+    """The teacher's form as kernel arguments: mode, rows KT, and the (teacher, weights) pointers and strides.
+    ``head``: MDE's head (a ``MDEHeadOptions``; ``weights`` are then the attention logits, (B, M) or (B, M, M))."""
 
-    def __init__(self, logits, teacher, weights, weight_rows: int) -> None:
+    def __init__(self, logits, teacher, weights, weight_rows: int, head=None) -> None:
         batch, k, _ = logits.shape
         self.mode, self.rows = TEACHER_MEAN, 1
         self.t_arg, self.t_strides = logits, (0, 0, 0)
         self.w_arg, self.w_strides = logits, (0, 0, 0)
-        if teacher is not None:
+        self.head, self.attention_rows = head, 0
+        if head is not None:
+            a = weights.reshape(batch, -1, k - 1) if weights.dim() == 2 else weights  # a view, no copy
+            self.mode, self.rows, self.w_arg, self.attention_rows = TEACHER_ATTENTION, k, a, a.shape[1]
+            self.w_strides = (a.stride(0), 0 if a.shape[1] == 1 else a.stride(1), a.stride(2))
+        elif teacher is not None:
             self.mode, self.t_arg = TEACHER_EXPLICIT, teacher
             if teacher.dim() == 2:
                 self.t_strides = (teacher.stride(0), 0, teacher.stride(1))
@@ -574,11 +720,19 @@ class _Layout:
         _, num_branches, num_classes = logits.shape
         numbers = (options.temperature, options.label_smoothing, options.ce_weight, options.kd_weight)
         numbers += (options.teacher_ce_weight,)
+        numbers += (self.head.attention_temperature, self.head.cd_weight) if self.head else (1.0, 0.0)
         return (num_branches, self.rows, num_classes, options.ignore_index, *map(float, numbers))
+
+    def teacher_ce_mask(self, options) -> int:
+        """The rows of the teacher CE; MDE's head computes CE(target) at weight 0 too (it is logged)."""
+        if self.head is None or options.teacher_ce_rows is None:
+            return options.teacher_ce_mask(self.rows)
+        return sum(1 << r for r in set(options.teacher_ce_rows))
 
     def constexprs(self, options, kd_weight: torch.Tensor | None, acc: torch.dtype, config: tuple) -> dict:
         """The specialisations both row kernels share (``config``: launch_config's result)."""
         block_k, tb, block_c, num_warps = config
+        cd = self.head is not None
         return {
             "BLOCK_K": block_k,
             "BLOCK_C": block_c,
@@ -587,7 +741,10 @@ class _Layout:
             "PEER": options.mode == "peer",
             "HAS_KD": options.kd_weight != 0.0 or kd_weight is not None,
             "HAS_KDW": kd_weight is not None,
-            "TCE_MASK": options.teacher_ce_mask(self.rows),
+            "TCE_MASK": self.teacher_ce_mask(options),
+            "HAS_CD": cd,
+            "STATS": stat_slots(block_k, cd),
+            "NUM_TERMS": 4 if cd else 3,
             "ACC": tl.float64 if acc == torch.float64 else tl.float32,
             "num_warps": num_warps,
         }
@@ -603,6 +760,7 @@ def online_kd_forward(
     weight_rows: int,
     block_c: int | None = None,
     num_warps: int | None = None,
+    head=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two launches: ``(loss, summary (4,), stats (B, 7, BLOCK_K))``.
 
@@ -610,15 +768,20 @@ def online_kd_forward(
     ``loss``: reduced ('mean' over the valid rows, 'sum') or the (B,) rows ('none'); ``summary``: mean ce,
     teacher_ce and kd over the valid rows, and their number; ``stats``: what the backward reads instead of a second
     pass over C. ``weight_rows``: the teacher rows of ``teacher_weights`` (1 shared, K per branch).
+
+    ``head``: MDE's head (an ``MDEHeadOptions``; see :func:`mde_head_forward`): ``teacher_weights`` are the
+    attention logits, the summary gains the CD term's mean (5,) and the statistics its coefficients.
     """
     batch, num_branches, num_classes = logits.shape
     device = logits.device
     acc = _acc(logits, teacher, teacher_weights)
-    layout = _Layout(logits, teacher, teacher_weights, weight_rows)
-    config = launch_config(num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps)
+    layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
+    weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
+    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps)
+    shared = layout.constexprs(options, kd_weight, acc, config)
     loss_rows = torch.empty(batch, dtype=acc, device=device)
-    terms = torch.empty(batch, 3, dtype=acc, device=device)
-    stats = torch.empty(batch, NUM_STATS, config[0], dtype=acc, device=device)
+    terms = torch.empty(batch, shared["NUM_TERMS"], dtype=acc, device=device)
+    stats = torch.empty(batch, shared["STATS"], config[0], dtype=acc, device=device)
     if batch > 0:
         _runnable(_online_kd_fwd_kernel, device)[(batch,)](
             *layout.inputs(logits, target, kd_weight),
@@ -626,10 +789,10 @@ def online_kd_forward(
             terms,
             stats,
             *layout.scalars(logits, options),
-            **layout.constexprs(options, kd_weight, acc, config),
+            **shared,
         )
     loss = torch.empty((), dtype=acc, device=device)
-    summary = torch.empty(4, dtype=acc, device=device)
+    summary = torch.empty(shared["NUM_TERMS"] + 1, dtype=acc, device=device)
     _runnable(_online_kd_reduce_kernel, device)[(1,)](
         loss_rows,
         terms,
@@ -641,6 +804,7 @@ def online_kd_forward(
         options.ignore_index,
         MEAN=options.reduction == "mean",
         BLOCK_B=min(_pow2(batch), 1024),
+        NUM_TERMS=shared["NUM_TERMS"],
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
     )
     return (loss_rows if options.reduction == "none" else loss), summary, stats
@@ -660,22 +824,25 @@ def online_kd_backward(
     needs: tuple[bool, bool, bool],
     block_c: int | None = None,
     num_warps: int | None = None,
+    head=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One launch: ``(d logits, d teacher, d teacher_weights)`` times ``grad_loss``, each None unless ``needs``
     asks for it (logits, teacher, weights). The logits' and teacher's gradients are contiguous, in their dtypes; the
-    weights' is float32 in their shape (summed over the batch for a constant matrix)."""
+    weights' is float32 in their shape (summed over the batch for a constant matrix). ``head``: MDE's head (the
+    weights' gradient is then the attention logits', in their shape and dtype)."""
     batch, num_branches, num_classes = logits.shape
     device = logits.device
     acc = _acc(logits, teacher, teacher_weights)
-    layout = _Layout(logits, teacher, teacher_weights, weight_rows)
-    config = launch_config(num_branches, num_classes, layout.rows, layout.mode == TEACHER_WEIGHTS, block_c, num_warps)
+    layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
+    weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
+    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps)
     tb = config[1]
-    if stats.shape[-1] != config[0]:
-        raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K")
+    shared = layout.constexprs(options, kd_weight, acc, config)
+    if stats.shape[-2:] != (shared["STATS"], config[0]):
+        raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K or head")
     need_z, need_t, need_w = needs
     need_t = need_t and teacher is not None
     need_w = need_w and teacher_weights is not None
-    shared = layout.constexprs(options, kd_weight, acc, config)
     # padded teacher rows (TB > KT) count as detached, so a fully detached teacher reads (1 << TB) - 1
     detach_mask = options.detach_mask(layout.rows) | ((1 << tb) - (1 << layout.rows) if tb > layout.rows else 0)
     if shared["PEER"]:
@@ -683,7 +850,12 @@ def online_kd_backward(
     kl_trained = shared["HAS_KD"] and not shared["PEER"] and detach_mask != (1 << tb) - 1
     gz = torch.empty(logits.shape, dtype=logits.dtype, device=device) if need_z else None
     gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=device) if need_t else None
-    gw = torch.empty(batch, layout.rows, num_branches, dtype=acc, device=device) if need_w else None
+    if need_w and head is not None:  # the attention logits' gradient: (B, 1 or M, M)
+        gw = torch.empty(batch, layout.attention_rows, num_branches - 1, dtype=acc, device=device)
+    elif need_w:
+        gw = torch.empty(batch, layout.rows, num_branches, dtype=acc, device=device)
+    else:
+        gw = None
     if batch > 0 and (need_z or need_t or need_w):
         placeholder = stats  # a pointer for the outputs not written
         _runnable(_online_kd_bwd_kernel, device)[(batch,)](
@@ -702,9 +874,13 @@ def online_kd_backward(
             WRITE_GZ=need_z,
             WRITE_GT=need_t,
             WRITE_GW=need_w,
+            CD_GRAD=head is not None and head.cd_weight != 0.0,
+            ATTN_SHARED=layout.attention_rows == 1,
             **shared,
         )
-    if gw is not None:
+    if gw is not None and head is not None:
+        gw = gw.reshape(teacher_weights.shape).to(teacher_weights.dtype)
+    elif gw is not None:
         constant = (teacher_weights.dim() == 2 and layout.rows > 1) or teacher_weights.shape[0] == 1
         gw = (gw.sum(0) if constant else gw).reshape(teacher_weights.shape).to(teacher_weights.dtype)
     return gz, gt, gw

@@ -106,6 +106,115 @@ def test_head_ignore_index_strided_and_bf16_inputs():
     torch.testing.assert_close(low.float(), ref, rtol=1e-4, atol=1e-4)  # fp32 math on the upcast inputs
 
 
+F32_UNIT = 2.0**-24  # float32's unit roundoff (round to nearest)
+
+
+def fuzz_cases():
+    """Odd and multi-chunk C (the CD's co-moments merged over several chunks), K 3..8, one shared or per-auxiliary
+    attention rows, strided / expanded / transposed inputs, bf16, ignored rows, every reduction and option."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for i, (b, k, c) in enumerate([(7, 4, 517), (5, 3, 3), (6, 5, 61), (4, 8, 129), (9, 4, 100), (3, 6, 1000)]):
+        cases.append(dict(
+            shape=(b, k, c), per_aux=i % 2 == 1, seed=int(torch.randint(0, 2**31, (1,), generator=g)),
+            layout=("strided", "expanded", "transposed", "contiguous")[i % 4],
+            dtype=(torch.float32, torch.bfloat16)[i % 3 == 2],
+            options=dict(
+                cd_weight=(0.0, 0.5, 1.0, 3.0)[i % 4], temperature=(3.0, 1.0, 4.0)[i % 3],
+                attention_temperature=(1.0, 0.5, 2.0)[i % 3], target_ce_weight=(1.0, 0.0, 0.3)[i % 3],
+                detach_target=i == 3, detach_leader_target=i != 4, label_smoothing=0.1 * (i % 2),
+                reduction=("none", "mean", "sum")[i % 3],
+            ),
+        ))  # fmt: skip
+    return cases
+
+
+def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` (B, K, C) with the same values in another memory layout."""
+    if layout == "strided":
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "expanded":  # one row's logits shared by every row: stride 0 over the batch
+        return x[:1].expand_as(x)
+    if layout == "transposed":
+        return x.transpose(0, 2).contiguous().transpose(0, 2)
+    return x
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"{c['shape']}-{c['layout']}-{str(c['dtype'])[6:]}")
+def test_one_pass_kernel_equals_the_float64_reference(case):
+    """Values, terms and both gradients (random upstream gradient) of the kernel path against the reference in
+    float64 on the upcast inputs. The tolerance is the float32 reference's own distance from it (the same math in
+    float32, measured on these inputs: it grows with C and with the CD's cancellation), times 4, plus 16 ulps of
+    each tensor's scale, plus the rounding of a gradient to the inputs' dtype: a bound from the operation's rounding,
+    not from what passed on one CPU."""
+    if not IN_INTERPRETER:
+        pytest.skip("the kernel path: it runs in the interpreter run (test_triton_interpreter_suite)")
+    torch.manual_seed(case["seed"])
+    b, k, c = case["shape"]
+    logits = laid_out((3 * torch.randn(b, k, c)).to(case["dtype"]), case["layout"])
+    energy = torch.randn(*((b, k - 1, k - 1) if case["per_aux"] else (k - 1, b))).to(case["dtype"])
+    energy = energy if case["per_aux"] else energy.T  # (B, M) with transposed strides
+    target = torch.randint(0, c, (b,))
+    target[b // 2] = -100
+    options = MDEHeadOptions(**case["options"])
+    upstream = torch.randn(b) if options.reduction == "none" else torch.randn(())
+
+    def run(z, e, kernel):
+        z, e = z.detach().requires_grad_(), e.detach().requires_grad_()
+        loss, terms = mde_head(z, target, e, options, kernel=kernel)
+        grads = torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), (z, e))
+        return [loss.double(), torch.stack(list(terms)).double(), *(g.double() for g in grads)]
+
+    want = run(logits.double(), energy.double(), False)
+    fp32 = run(logits.float(), energy.float(), False)
+    got = run(logits, energy, True)
+    # the gradients are returned in the inputs' dtype: one rounding, and B of them plus the sum's where autograd adds
+    # the B rows of an expanded input (in that dtype)
+    stored = torch.finfo(case["dtype"]).eps / 2 * (b + 1 if case["layout"] == "expanded" else 1)
+    for name, w, r, x in zip(("loss", "terms", "d logits", "d attention"), want, fp32, got):
+        scale = w.abs().max().item()
+        bound = 4 * (r - w).abs().max().item() + 16 * F32_UNIT * scale + (stored * scale if name[0] == "d" else 0)
+        assert (x - w).abs().max().item() <= bound, (name, (x - w).abs().max().item(), bound)
+
+
+@pytest.mark.triton
+def test_one_pass_kernel_equals_the_composed_path():
+    """The one-pass kernel and the composition it replaces (the fused online-KD op with the attention and CD in
+    PyTorch around it) give the same loss, terms and gradients."""
+    if not IN_INTERPRETER:
+        pytest.skip("both are kernel paths: they run in the interpreter run")
+    torch.manual_seed(5)
+    logits, energy, target = torch.randn(6, 4, 33), torch.randn(6, 3), torch.randint(0, 33, (6,))
+    options = MDEHeadOptions(cd_weight=1.0, target_ce_weight=0.5)
+    results = []
+    for kernel in (True, "composed"):
+        z, e = logits.clone().requires_grad_(), energy.clone().requires_grad_()
+        loss, terms = mde_head(z, target, e, options, kernel=kernel)
+        loss.backward()
+        results.append([loss, torch.stack(list(terms)), z.grad, e.grad])
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_opcheck_of_the_head_ops():
+    if not IN_INTERPRETER:
+        pytest.skip("the ops' CPU kernels are the interpreted Triton kernels")
+    torch.manual_seed(6)
+    logits = torch.randn(4, 4, 10, requires_grad=True)
+    target = torch.tensor([1, -100, 3, 9])
+    fwd = torch.ops.okdfast.mde_head_fwd.default
+    for energy, options in (
+        (torch.randn(4, 3, requires_grad=True), MDEHeadOptions(cd_weight=0.5, reduction="none")),
+        (torch.randn(4, 3, 3, requires_grad=True), MDEHeadOptions(cd_weight=1.0, detach_leader_target=False)),
+    ):
+        torch.library.opcheck(fwd, (logits, target, energy, torch.tensor(0.3), *options.as_args()))
+
+
+@pytest.mark.triton
 def test_head_float64_gradcheck():
     torch.manual_seed(2)
     logits = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -165,8 +274,8 @@ def test_bad_options_name_the_field(field, value):
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the interpreter run itself")
 def test_triton_interpreter_suite():
-    """The ``triton`` tests again with the CPU tensors on the kernel path (the fused online-KD kernel in the
-    interpreter, the attention and CD around it)."""
+    """The ``triton`` tests again with the CPU tensors on the kernel path (the one-pass head kernel in the
+    interpreter)."""
     env = dict(os.environ, TRITON_INTERPRET="1", OKDFAST_FORCE_TRITON="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "triton", __file__]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

@@ -494,10 +494,15 @@ def test_kernel_out_of_range_label_is_nan_not_an_out_of_bounds_read(monkeypatch)
 @interpreter_only
 @pytest.mark.triton
 @pytest.mark.parametrize(
-    "name, branches",
-    [("independent", 3), ("dml", 3), ("one", 4), ("cl_ilr", 5), ("okddip", 4)] + [("mde", k) for k in range(3, 9)],
+    "name, branches, extra",
+    [("independent", 3, {}), ("dml", 3, {}), ("one", 4, {}), ("cl_ilr", 5, {}), ("okddip", 4, {})]
+    + [("mde", k, {}) for k in range(3, 9)]
+    + [  # MDE's one-pass head with its prediction-space CD, one target per auxiliary, a sharper attention
+        ("mde", 4, dict(cd_form="nontarget_corr", cd_weight=1.0, ffm_targets="per-aux", ffm_temperature=0.5)),
+        ("mde", 5, dict(cd_form="nontarget_corr", cd_weight=0.3, ffm_input="concat+logits")),
+    ],
 )
-def test_methods_kernel_equals_reference(name, branches):
+def test_methods_kernel_equals_reference(name, branches, extra):
     """Each method's whole loss through the kernels (``--fused-loss on``) and through the reference (``off``):
     the same loss, terms and parameter gradients, on fresh random inputs."""
     from okdfast.methods import MethodConfig, create_method
@@ -505,7 +510,8 @@ def test_methods_kernel_equals_reference(name, branches):
     results = []
     for fused in ("on", "off"):
         torch.manual_seed(0)
-        method = create_method(name, "resnet8", 10, MethodConfig(num_branches=branches, fused_loss=fused))
+        config = MethodConfig(num_branches=branches, fused_loss=fused, **extra)
+        method = create_method(name, "resnet8", 10, config)
         torch.manual_seed(1)
         images, target = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
         result = method.loss(method(images), target, kd_weight=torch.tensor(0.6))

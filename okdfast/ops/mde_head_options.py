@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from okdfast.ops.online_kd_options import FLOAT_DTYPES, check_shared_options, temperature_error
+from okdfast.ops.online_kd_options import FLOAT_DTYPES, OnlineKDOptions, check_shared_options, temperature_error
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,26 @@ class MDEHeadTerms(NamedTuple):
     target_ce: Tensor  # CE(target, y) (the mean over the targets with per-auxiliary targets)
     kd: Tensor  # T^2 [sum_i KL(p^T(target_i) || p^T(z_i)) + KL(p^T(mean_i z_i) || p^T(z_leader))]
     cd: Tensor  # the mean over the auxiliary pairs of their non-target correlation (computed even at weight 0)
+
+
+def head_kd_options(options: MDEHeadOptions, num_branches: int, target_rows: int) -> OnlineKDOptions:
+    """The CE + KL part of the head as the online-KD op's options over its (B, K, K) teacher rows (rows 0..K-2 the
+    auxiliaries' targets, row K-1 the leader's): CE(target) on row 0 (one shared target) or the mean over the
+    auxiliaries' rows, the leader's target detached with ``detach_leader_target``, every target with
+    ``detach_target``."""
+    shared = target_rows == 1
+    leader = (num_branches - 1,) if options.detach_leader_target else None
+    return OnlineKDOptions(
+        temperature=options.temperature,
+        kd_weight=options.kd_weight,
+        teacher_ce_weight=options.target_ce_weight / (1 if shared else num_branches - 1),
+        teacher_ce_rows=(0,) if shared else tuple(range(num_branches - 1)),
+        detach_teacher=options.detach_target,
+        detached_teacher_rows=None if options.detach_target else leader,
+        label_smoothing=options.label_smoothing,
+        ignore_index=options.ignore_index,
+        reduction=options.reduction,
+    )
 
 
 def attention_layout(attention_logits: Tensor, batch: int, num_aux: int) -> int:
