@@ -8,7 +8,11 @@ Claim under test (benchmarks/GPU.md): fused forward + backward >= 1.5x torch.com
 What is measured is data: ``SUBJECTS`` (an op with its inputs, its reference and its fused path: ``online_kd`` now;
 a new fused op is one more ``Subject``) and ``PRESETS`` (lists of ``Combo(subject, form, shape)`` in measuring
 order, with the implementations each one times). Adding a subject to the headline rows of a GPU visit is a Subject
-and a line in ``PRESETS["headline"]``.
+and a line in ``PRESETS["headline"]``. Subjects: ``online_kd`` (the op with each method's teacher form) and
+``mde_head`` (MDE's whole loss head, forms ``shared`` / ``per-aux``: its one-pass kernel ``fused``, the same head in
+eager PyTorch ``reference`` and under torch.compile ``compiled``, and ``composed``, the fused online-KD op with the
+attention softmax and the CD in PyTorch around it). ``launches_per_call``: the device activities one fwd+bwd call
+launches (torch.profiler on CUDA; on the CPU the ATen ops an eager call dispatches).
 
 Teacher forms of ``online_kd`` (``--forms``), each with the options its method passes (okdfast/methods/*.py):
     mean      t = mean of the K branches, detached (the op's defaults)
@@ -88,9 +92,11 @@ from benchmarks.harness import (  # noqa: E402
 )
 from okdfast.compat import compiled_kernels, raise_recompile_limit  # noqa: E402
 from okdfast.ops.dispatch import triton_runs_on  # noqa: E402
+from okdfast.ops.mde_head import mde_head  # noqa: E402
+from okdfast.ops.mde_head_options import MDEHeadOptions  # noqa: E402
 from okdfast.ops.online_kd import online_kd, teacher_is_trained  # noqa: E402
 from okdfast.ops.online_kd_options import OnlineKDOptions, teacher_weight_layout  # noqa: E402
-from okdfast.ops.reference import online_kd_reference  # noqa: E402
+from okdfast.ops.reference import mde_head_reference, online_kd_reference  # noqa: E402
 
 Shape = tuple[int, int, int]  # (B, K, C)
 CIFAR_SHAPES = [(128, k, c) for c in (10, 100) for k in (3, 4, 5)]
@@ -104,6 +110,7 @@ PHASES = ("fwd+bwd", "fwd", "bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_IMPLS = ["reference", "compiled", "fused", "fused-compiled"]
 CPU_IMPLS = ["reference", "op", "compiled"]
+KERNEL_IMPLS = ("fused", "fused-compiled", "composed")  # the ones that run Triton kernels (composed: mde_head only)
 # what a combination costs, for --time-budget (estimates, not measurements: a GPU visit's first compile is cold)
 COLD_COMPILE_S, WARM_COMPILE_S, KERNEL_COMPILE_S = 25.0, 12.0, 3.0
 LARGE_ELEMENTS = 2**26  # above this many logits the eager reference takes seconds per phase
@@ -263,8 +270,64 @@ def online_kd_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.de
     )
 
 
+# ---- MDE's whole loss head (okdfast.ops.mde_head): the attention softmax, targets, CE, KL and the CD in one pass
+MDE_HEAD_FORMS = ("shared", "per-aux")  # one target shared by the auxiliaries, or one each (--ffm-targets)
+MDE_HEAD_OPTIONS = MDEHeadOptions(cd_weight=1.0)  # --cd-form nontarget_corr at its weight; T 3, tau 1
+
+
+def mde_head_inputs(shape: Shape, dtype: torch.dtype, form: str, device: torch.device, seed: int = 0):
+    """``(logits, target, attention_logits, kd_weight)``: the FFM's attention logits (B, M) or (B, M, M)."""
+    batch, branches, classes = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(batch, branches, classes, generator=gen, device=device) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, classes, (batch,), generator=gen, device=device)
+    rows = (branches - 1,) if form == "per-aux" else ()
+    attention = torch.randn(batch, *rows, branches - 1, generator=gen, device=device).to(dtype).requires_grad_()
+    return logits, target, attention, torch.tensor([0.5], device=device)
+
+
+def mde_head_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Call:
+    if form not in MDE_HEAD_FORMS:
+        raise ValueError(f"mde_head form {form!r}: use one of {', '.join(MDE_HEAD_FORMS)}")
+    args = mde_head_inputs(shape, dtype, form, device)
+    logits, _, attention, _ = args
+    options = MDE_HEAD_OPTIONS
+    size = torch.finfo(dtype).bits // 8
+    batch = shape[0]
+    reads = logits.numel() * size + attention.numel() * size + batch * 8
+    writes = logits.numel() * size + attention.numel() * size
+
+    def reference(z, y, a, w):  # the same head in eager PyTorch: the spec
+        return mde_head_reference(z, y, a, options, w.reshape(()))[0]
+
+    def fused(z, y, a, w):  # the one-pass kernel
+        return mde_head(z, y, a, options, w, kernel=True)[0]
+
+    def composed(z, y, a, w):  # the fused online-KD op with the attention softmax and the CD in PyTorch around it
+        return mde_head(z, y, a, options, w, kernel="composed")[0]
+
+    def op(z, y, a, w):  # the public op as a user calls it
+        return mde_head(z, y, a, options, w)[0]
+
+    from okdfast.kernels.online_kd import launch_config
+
+    block_k, tb, block_c, warps = launch_config(shape[1], shape[2], shape[1], True)
+    return Call(
+        args=args,
+        wrt=[logits, attention],
+        moved={
+            "min": {"fwd": reads, "bwd": writes, "fwd+bwd": reads + writes},
+            "kernel": {"fwd": reads, "bwd": reads + writes, "fwd+bwd": 2 * reads + writes},
+        },
+        fns={"reference": reference, "fused": fused, "composed": composed, "op": op},
+        tolerance=1e-4 if dtype == torch.float32 else 2e-2,
+        launch=f"BLOCK_K={block_k} TB={tb} BLOCK_C={block_c} num_warps={warps}",
+    )
+
+
 SUBJECTS: dict[str, Subject] = {
     "online_kd": Subject("online_kd", FORMS, online_kd_call),
+    "mde_head": Subject("mde_head", MDE_HEAD_FORMS, mde_head_call),
 }
 
 
@@ -284,19 +347,25 @@ class Preset:
 _SMALL, _LARGE = HEADLINE_SHAPES
 _TARGET_IMPLS = ("reference", "compiled", "fused")  # what the targets compare
 _OTHER_SHAPES = ((128, 4, 10), (1024, 4, 1000), (4096, 4, 1000))
+# MDE's head (issue 20): the one-pass kernel against the same head eager and compiled, and the composition it replaced
+MDE_HEAD_SHAPES = ((128, 4, 10), (128, 4, 100), (1024, 4, 100), (4096, 4, 32768))
+_HEAD_IMPLS = ("reference", "compiled", "fused", "composed")
 PRESETS: dict[str, Preset] = {
-    # a GPU visit's first loss step: the paper's teacher at the two shapes the targets name
-    "headline": Preset(
-        (
-            Combo("online_kd", "mde", _SMALL, _TARGET_IMPLS),
-            Combo("online_kd", "mde", _LARGE, _TARGET_IMPLS),
-        )
+    # a GPU visit's first loss step: what MDE trains through, its whole head (the one-pass kernel, the same head
+    # eager and compiled, the composition it replaced), at the two shapes the targets name, bf16
+    "headline": Preset(tuple(Combo("mde_head", "shared", s, _HEAD_IMPLS) for s in HEADLINE_SHAPES)),
+    # the rest of the head's grid (128x4x10, 128x4x100, 1024x4x100, 4096x4x32768 in fp32 and bf16; headline has
+    # the bf16 headline shapes), and one target per auxiliary
+    "mde-head": Preset(
+        tuple(Combo("mde_head", "shared", s, _HEAD_IMPLS) for s in (MDE_HEAD_SHAPES[0], MDE_HEAD_SHAPES[2]))
+        + (Combo("mde_head", "per-aux", _SMALL, _HEAD_IMPLS),)
     ),
-    # the second visit: every other teacher form at the headline shapes, the op inside torch.compile, other shapes
+    "mde-head-fp32": Preset(tuple(Combo("mde_head", "shared", s, _HEAD_IMPLS) for s in MDE_HEAD_SHAPES), ("fp32",)),
+    # the second visit: the online-KD op with every teacher form at the headline shapes (MDE's two-level weights
+    # first), the op inside torch.compile
     "forms": Preset(
-        tuple(Combo("online_kd", f, s, _TARGET_IMPLS) for s in HEADLINE_SHAPES for f in FORMS if f != "mde")
-        + tuple(Combo("online_kd", "mde", s, ("fused", "fused-compiled")) for s in HEADLINE_SHAPES)
-        + tuple(Combo("online_kd", f, s) for s in _OTHER_SHAPES for f in ("mde", "one"))
+        tuple(Combo("online_kd", "mde", s, _TARGET_IMPLS + ("fused-compiled",)) for s in HEADLINE_SHAPES)
+        + tuple(Combo("online_kd", f, s, _TARGET_IMPLS) for s in HEADLINE_SHAPES for f in FORMS if f != "mde")
     ),
     # every teacher form at the headline shapes first, then the others (all implementations)
     "suite": Preset(
@@ -357,7 +426,9 @@ def phase_calls(fn, call: Call) -> dict[str, tuple]:
 
 
 def make_impl(impl: str, call: Call, backend: str):
-    if impl in ("reference", "fused", "op"):
+    if impl in ("reference", "fused", "op", "composed"):
+        if impl not in call.fns:
+            raise ValueError(f"--impls {impl}: this subject has no such implementation (it has {', '.join(call.fns)})")
         return call.fns[impl]
     # a fresh torch.compile per combination: dynamic=False specialises each shape, as a training run does
     base = call.fns["reference"] if impl == "compiled" else call.fns["fused"]
@@ -371,9 +442,13 @@ def make_impl(impl: str, call: Call, backend: str):
 
 def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[Combo, str]]:
     """(combination, dtype) in the order they are measured (the headline ones first)."""
-    if args.preset:
-        preset = PRESETS[args.preset]
-        combos, dtypes = list(preset.combos), args.dtype or list(preset.dtypes)
+    if args.preset:  # one or more presets, each in its own dtypes, in the order given
+        return [
+            (combo._replace(shape=tiny(combo.shape)) if args.tiny else combo, dtype)
+            for name in args.preset
+            for dtype in (args.dtype or PRESETS[name].dtypes)
+            for combo in PRESETS[name].combos
+        ]
     else:
         if args.quick and not args.shapes and not args.forms:
             combos = list(QUICK)
@@ -391,8 +466,8 @@ def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[Combo, str]]:
 
 def impls_for(combo: Combo, args: argparse.Namespace, fused_here: bool) -> list[str]:
     impls = list(args.impls or combo.impls or (GPU_IMPLS if fused_here else CPU_IMPLS))
-    if not fused_here and any(i.startswith("fused") for i in impls):  # the CPU: the op is the reference itself
-        impls = [i for i in impls if not i.startswith("fused")] + ([] if "op" in impls else ["op"])
+    if not fused_here and any(i in KERNEL_IMPLS for i in impls):  # the CPU: the op is the reference itself
+        impls = [i for i in impls if i not in KERNEL_IMPLS] + ([] if "op" in impls else ["op"])
     return impls
 
 
@@ -400,7 +475,7 @@ def estimate_s(combo: Combo, impls: list[str], compiled_before: int, on_gpu: boo
     """Seconds a combination takes, first compiles included (for --time-budget; estimates)."""
     compiles = sum("compiled" in i for i in impls)
     seconds = sum(COLD_COMPILE_S if compiled_before + n == 0 else WARM_COMPILE_S for n in range(compiles))
-    seconds += KERNEL_COMPILE_S * sum(i.startswith("fused") for i in impls)
+    seconds += KERNEL_COMPILE_S * sum(i in KERNEL_IMPLS for i in impls)
     elements = math.prod(combo.shape)
     return seconds + (4.0 * len(impls) if elements > LARGE_ELEMENTS or not on_gpu else 1.5 * len(impls))
 
@@ -409,7 +484,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device) if args.device else default_device()
     on_gpu = device.type == "cuda"
     fused_here = triton_runs_on(device) and (on_gpu or args.tiny)
-    if args.impls and any(i.startswith("fused") for i in args.impls) and not fused_here:
+    if args.impls and any(i in KERNEL_IMPLS for i in args.impls) and not fused_here:
         print("fused (Triton): needs a CUDA GPU; timing the public op instead (on a CPU it is the reference itself)")
     combos = plan(args, on_gpu)
     # one function compiled for every combination: raise the recompile limit, and fail rather than fall back to
@@ -439,6 +514,36 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.failures:
         print(f"{args.failures} implementation(s) failed: see the error column of {folder}/loss.csv")
     return rows
+
+
+def count_launches(fn, call: Call, device: torch.device) -> tuple[int | str, str]:
+    """(launches of one fwd+bwd call, how they were counted). On CUDA: the device activities torch.profiler records
+    (kernels, memsets, copies); on the CPU: the ATen ops dispatched (each one launch or more on a GPU), eager only
+    (a compiled CPU function runs Inductor's C++ loops: no count)."""
+    both = phase_calls(fn, call)["fwd+bwd"][0]
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            both()
+            torch.cuda.synchronize(device)
+        cuda = torch.autograd.DeviceType.CUDA
+        return sum(1 for e in prof.events() if e.device_type == cuda), "cuda activities (torch.profiler)"
+    if isinstance(fn, Callable) and hasattr(fn, "_torchdynamo_orig_callable"):
+        return "", ""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        both()
+    return Count.n, "aten ops dispatched (cpu, eager)"
 
 
 def measure(args, device, fn, reference, call: Call, graphed: bool) -> tuple[float, list[tuple[str, str, Any]]]:
@@ -482,6 +587,7 @@ def run_combo(args, device, impls, combo: Combo, dtype_name, base, folder, copy_
         try:
             fn = make_impl(impl, call, args.compile_backend)
             error, timings = measure(args, device, fn, reference, call, graphed)
+            launches, counted = count_launches(fn, call, device)
         except Exception as failure:  # a failed validation or a crash costs this implementation, not the run
             if type(failure).__name__ == "FailOnRecompileLimitHit":  # a flaw of this benchmark, not of a kernel
                 raise
@@ -495,11 +601,12 @@ def run_combo(args, device, impls, combo: Combo, dtype_name, base, folder, copy_
             continue
         for phase, timing_mode, timing in timings:
             medians[(impl, phase, timing_mode)] = timing.median_ms
-            fused = impl.startswith("fused")
+            fused = impl in KERNEL_IMPLS
             row = base | where | {"impl": impl, "phase": phase, "timing": timing_mode, "headline": phase == "fwd+bwd"}
             row |= timing.as_row() | _rates(call.moved, phase, timing.median_ms * 1e-3, copy_gbps, fused)
             row |= {"max_rel_error": error, "compile_backend": args.compile_backend if "compiled" in impl else ""}
             row["launch"] = call.launch if fused else ""
+            row |= {"launches_per_call": launches, "launches_counted": counted}
             for other in ("reference", "compiled"):
                 key = (other, phase, timing_mode)
                 row[f"speedup_vs_{other}"] = round(medians[key] / timing.median_ms, 3) if key in medians else ""
@@ -720,13 +827,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Benchmark the fused loss ops against their reference.")
     parser.add_argument("--quick", action="store_true", help="every teacher form at 128x4x100, mde at 2 more shapes")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a fixed plan (the GPU visits)")
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
+                        help="fixed plans, measured in the order given (the GPU visits)")  # fmt: skip
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="the kernels' launch-config sweep")
     parser.add_argument("--tiny", action="store_true", help="the plan with tiny shapes, eager compile (rehearsal)")
     parser.add_argument("--shapes", nargs="+", default=None, help="BxKxC shapes, e.g. 128x4x100 4096x4x32768")
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=None, help="default: mean explicit one mde")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS + ["op"], default=None)
+    parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS + ["op", "composed"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="default: all three")

@@ -190,11 +190,12 @@ VISIT1 = Visit(
             (
                 ("import", IMPORT_S),
                 ("2 cold torch.compile of the reference fwd+bwd (inductor's first compile)", 40),
-                ("fused kernels compiled", 5),
-                ("validation and timing, 3 phases, stream + CUDA graphs", 15),
+                ("fused kernels compiled (the one-pass head, the online-KD op of the composed head)", 7),
+                ("validation and timing, 4 implementations, 3 phases, stream + CUDA graphs", 15),
             ),
-            "mde (the paper's teacher) at 128x4x100 and 4096x4x32768 bf16: eager reference, torch.compile of it, the "
-            "fused op; fwd+bwd, fwd, bwd; CUDA-graph timing at 128x4x100",
+            "MDE's whole loss head at 128x4x100 and 4096x4x32768 bf16: the eager reference, torch.compile of it, the "
+            "one-pass kernel, the composition it replaced; fwd+bwd, fwd, bwd; launches per call; CUDA-graph timing "
+            "at 128x4x100",
         ),
         _bench_train(
             "train-headline",
@@ -260,16 +261,28 @@ VISIT2 = Visit(
             (("import", IMPORT_S), ("~120 kernel variants compiled cold", 50), ("checks", 10)),
         ),
         _loss(
+            "loss-mde-head",
+            70,
+            ("--preset", "mde-head", "mde-head-fp32"),
+            (
+                ("import", IMPORT_S),
+                ("7 torch.compile of the head's reference (15 s cold, then ~6 s)", 45),
+                ("validation and timing", 7),
+            ),
+            "the rest of MDE's head grid: 128x4x10, 1024x4x100 and per-auxiliary targets at 128x4x100 in bf16, then "
+            "128x4x10, 128x4x100, 1024x4x100, 4096x4x32768 in fp32",
+        ),
+        _loss(
             "loss-forms",
-            110,
+            70,
             ("--preset", "forms"),
             (
                 ("import", IMPORT_S),
-                ("~8 torch.compile of the reference or of the op (15 s cold, then ~8 s)", 80),
-                ("validation and timing", 20),
+                ("~6 torch.compile of the reference or of the op (15 s cold, then ~8 s)", 45),
+                ("validation and timing", 7),
             ),
-            "one, explicit, mean, okddip, cl_ilr, dml at the headline shapes; the op inside torch.compile; then "
-            "mde and one at 128x4x10, 1024x4x1000, 4096x4x1000",
+            "the online-KD op: MDE's two-level weights (and inside torch.compile), one, explicit, mean, okddip, "
+            "cl_ilr, dml at the headline shapes",
         ),
         Step(
             "loaders",
@@ -285,14 +298,14 @@ VISIT2 = Visit(
         ),
         Step(
             "gpu-tests",
-            215,
+            185,
             ("{python}", "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-rfE")
             + ("-p", "benchmarks.gpu_checks.pytest_rows"),
             files=("gpu_tests.csv",),
             parts=(
                 ("collect (imports every test module)", 15),
                 ("kernels vs reference, loaders on the device", 50),
-                ("compile-heavy last: opcheck + compiled step, CUDA-graph step, all-features training run", 145),
+                ("compile-heavy last: opcheck + compiled step, CUDA-graph step, all-features training run", 115),
             ),
             cpu_argv=("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p")
             + ("benchmarks.gpu_checks.pytest_rows", "tests/test_benchmarks.py", "-k", "append_row or every_row"),

@@ -146,8 +146,11 @@ def test_bench_loss_plans_are_data_headline_first_and_quick_runs_every_form():
     implementations they compare; --quick (README: "every teacher form") has every form; a subject is registered."""
     headline = bench_loss.PRESETS["headline"].combos
     first = [(c.subject, c.form, c.shape) for c in headline[:2]]
-    assert first == [("online_kd", "mde", shape) for shape in bench_loss.HEADLINE_SHAPES]
+    assert first == [("mde_head", "shared", shape) for shape in bench_loss.HEADLINE_SHAPES]  # what MDE trains with
     assert all({"reference", "compiled", "fused"} <= set(c.impls) for c in headline)
+    head = {(c.shape, d) for name in ("headline", "mde-head", "mde-head-fp32") for d in bench_loss.PRESETS[name].dtypes
+            for c in bench_loss.PRESETS[name].combos if c.form == "shared"}  # fmt: skip
+    assert head == {(s, d) for s in bench_loss.MDE_HEAD_SHAPES for d in ("bf16", "fp32")}  # issue 20's grid
     assert {c.form for c in bench_loss.QUICK} == set(bench_loss.FORMS)
     args = bench_loss.build_parser().parse_args(["--quick"])
     assert {combo.form for combo, _ in bench_loss.plan(args, on_gpu=True)} == set(bench_loss.FORMS)

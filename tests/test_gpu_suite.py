@@ -408,4 +408,4 @@ def test_the_first_visits_rehearsal_runs_every_step(tmp_path):
     assert "all steps ok" in summary
     files = {p.name for p in out.iterdir()}
     assert files == set(suite.VISITS["visit1"].files), files  # exactly the planned files, all of them
-    assert "loss online_kd mde" in summary and "train all-on" in summary and "sweep mde" in summary
+    assert "loss mde_head shared" in summary and "train all-on" in summary and "sweep mde" in summary

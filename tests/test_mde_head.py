@@ -200,6 +200,23 @@ def test_one_pass_kernel_equals_the_composed_path():
 
 
 @pytest.mark.triton
+def test_one_pass_head_is_three_launches(monkeypatch):
+    """Forward + backward of the whole head: the row kernel, the batch reduction, the backward row kernel."""
+    if not IN_INTERPRETER:
+        pytest.skip("counts the kernel path's launches")
+    from okdfast.kernels import online_kd as kernels
+
+    launched, runnable = [], kernels._runnable
+    monkeypatch.setattr(kernels, "_runnable", lambda k, d: launched.append(k.__name__) or runnable(k, d))
+    logits = torch.randn(4, 4, 20, requires_grad=True)
+    energy = torch.randn(4, 3, requires_grad=True)
+    loss, _ = mde_head(logits, torch.randint(0, 20, (4,)), energy, MDEHeadOptions(cd_weight=1.0), kernel=True)
+    loss.backward()
+    assert launched == ["_online_kd_fwd_kernel", "_online_kd_reduce_kernel", "_online_kd_bwd_kernel"]
+    assert logits.grad is not None and energy.grad is not None
+
+
+@pytest.mark.triton
 def test_opcheck_of_the_head_ops():
     if not IN_INTERPRETER:
         pytest.skip("the ops' CPU kernels are the interpreted Triton kernels")

@@ -82,6 +82,13 @@ def loss_lines(folder: Path) -> list[str]:
         if "compiled" in by_impl:
             ratio = float(by_impl["compiled"]["median_ms"]) / float(fused["median_ms"])
             parts.append(f"compiled {float(by_impl['compiled']['median_ms']):.4f} ms: x{ratio:.2f} (target >= 1.5)")
+        if "composed" in by_impl:
+            ratio = float(by_impl["composed"]["median_ms"]) / float(fused["median_ms"])
+            parts.append(f"composed {float(by_impl['composed']['median_ms']):.4f} ms: x{ratio:.2f}")
+        counts = [f"{i} {by_impl[i]['launches_per_call']}" for i in ("fused", "composed", "compiled", "reference")
+                  if (by_impl.get(i) or {}).get("launches_per_call")]  # fmt: skip
+        if counts:
+            parts.append("launches per call: " + ", ".join(counts))
         if shape == HEADLINE_LARGE and fused.get("kernel_pct_copy_bw"):
             parts.append(f"{fused['kernel_pct_copy_bw']}% of copy bandwidth (kernel bytes; target >= 80)")
         lines.append(f"{what}: " + ", ".join(parts))

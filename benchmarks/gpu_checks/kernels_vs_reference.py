@@ -11,6 +11,11 @@ What it checks, independently of the test files (same references, other inputs):
   OKDDip's / MDE's (B, K, K) weights, CL-ILR's constant matrix, DML's peer mode, detached and not), every
   reduction, label smoothing, ignored rows, a device-tensor kd_weight and a random upstream gradient; loss, terms
   and every gradient against ``okdfast.ops.reference.online_kd_reference`` under autograd;
+- MDE's one-pass head (``okdfast.ops.mde_head``: the attention softmax, targets, CE, KL and the prediction-space CD
+  in the kernel; the logits' and the attention logits' gradients) with one shared or per-auxiliary attention rows,
+  CD weights 0 / 1 / 3, every reduction, ignored rows, strided inputs, against
+  ``okdfast.ops.reference.mde_head_reference``; its tolerance is the family's, or 4 times the float32 reference's
+  own distance from the float64 one where that is larger (the CD's cancellation on near-uniform rows);
 - the loader's augmentation kernel (``okdfast.kernels.augment``) against ``okdfast.data.transforms``, bit for bit.
 Inputs are drawn from a seed that changes every run (printed, and written in every row). Outputs are poisoned:
 while a kernel's host launcher runs, every buffer it allocates (``torch.empty``) is filled with NaN (integers with
@@ -44,9 +49,11 @@ if __package__ in (None, ""):
 
 from benchmarks.harness import add_output_arguments, append_row, machine_columns, results_dir  # noqa: E402
 from okdfast.compat import compiled_kernels  # noqa: E402
+from okdfast.ops.mde_head import mde_head  # noqa: E402
+from okdfast.ops.mde_head_options import MDEHeadOptions  # noqa: E402
 from okdfast.ops.online_kd import online_kd  # noqa: E402
 from okdfast.ops.online_kd_options import OnlineKDOptions  # noqa: E402
-from okdfast.ops.reference import online_kd_reference  # noqa: E402
+from okdfast.ops.reference import mde_head_reference, online_kd_reference  # noqa: E402
 
 # max |error| / max |reference| per output dtype: values are fp32 arithmetic on the same rounded inputs; gradients
 # are stored in the input dtype and carry its rounding (bf16 8 mantissa bits, fp16 11)
@@ -234,6 +241,68 @@ def run_online_kd(case: Case, device: torch.device, gen: torch.Generator) -> dic
     return {"ok": ok, "worst_output": worst, "worst_rel_error": errors[worst], "errors": errors}
 
 
+def mde_head_cases(quick: bool) -> list[Case]:
+    """form ``shared`` / ``per-aux`` (the attention rows); ``smoothing`` carries the label smoothing."""
+    cases = [
+        Case("shared", (128, 4, 100), "bf16"),  # the CIFAR headline shape
+        Case("per-aux", (37, 4, 1000), "bf16", reduction="sum", ignored=True),
+        Case("shared", (19, 5, 333), "fp32", strided=True, smoothing=0.1, reduction="none"),
+        Case("shared", (64, 4, 32771), "bf16", ignored=True),  # C in many chunks: the CD's merged co-moments
+    ]
+    if not quick:
+        cases += [
+            Case("per-aux", (21, 8, 97), "fp32", reduction="none"),  # K = 8
+            Case("shared", (33, 3, 10), "fp16", smoothing=0.05),
+            Case("per-aux", (128, 4, 100), "fp32", strided=True),
+        ]
+    return cases
+
+
+def run_mde_head(case: Case, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+    from okdfast.kernels import online_kd as kd_kernels
+
+    batch, k, c = case.shape
+    dtype = DTYPES[case.dtype]
+    logits = (torch.randn(batch, k, c, generator=gen, device=device) * 3).to(dtype)
+    rows = (k - 1,) if case.form == "per-aux" else ()
+    attention = torch.randn(batch, *rows, k - 1, generator=gen, device=device).to(dtype)
+    if case.strided:
+        logits, attention = _strided(logits, "bkc"), _strided(attention, "last")
+    target = torch.randint(0, c, (batch,), generator=gen, device=device)
+    if case.ignored:
+        target[::3] = -100
+    cd_weight = (0.0, 1.0, 3.0)[int(torch.randint(0, 3, (1,), generator=gen, device=device))]
+    options = MDEHeadOptions(temperature=2.5, attention_temperature=0.7, cd_weight=cd_weight,
+                             label_smoothing=case.smoothing, reduction=case.reduction)  # fmt: skip
+    grad_out = torch.rand(batch, generator=gen, device=device) + 0.5 if case.reduction == "none" else None
+    grad_out = grad_out if grad_out is not None else torch.tensor(0.7, device=device)
+    kd_weight = torch.tensor([0.75], device=device)
+    results = {}
+    for impl, z, a in (("kernel", logits, attention), ("reference", logits.float(), attention.float()),
+                       ("float64", logits.double(), attention.double())):  # fmt: skip
+        z, a = z.detach().requires_grad_(), a.detach().requires_grad_()
+        if impl == "kernel":
+            with poisoned(kd_kernels):
+                loss, terms = mde_head(z, target, a, options, kd_weight, kernel=True)
+        else:
+            loss, terms = mde_head_reference(z, target, a, options, kd_weight.reshape(()).to(z.dtype))
+        grads = torch.autograd.grad(loss, (z, a), grad_out.to(loss.dtype))
+        results[impl] = dict(zip(("loss", "ce", "target_ce", "kd", "cd", "d_logits", "d_attention"),
+                                 (loss, *terms, *grads)))  # fmt: skip
+    errors, ok = {}, True
+    for name, expected in results["reference"].items():
+        exact = results["float64"][name].detach().double()
+        scale = max(exact.abs().max().item(), 1e-12)
+        own = (expected.detach().double() - exact).abs().max().item() / scale  # the float32 reference's rounding
+        err = (results["kernel"][name].detach().double() - exact).abs().max().item() / scale
+        got = results["kernel"][name]
+        errors[name] = err
+        finite_ok = bool((got.isfinite() == exact.isfinite()).all())
+        ok &= finite_ok and err <= max(TOLERANCE[dtype]["grad" if name.startswith("d_") else "value"], 4 * own)
+    worst = max(errors, key=lambda n: errors[n])
+    return {"ok": ok, "worst_output": worst, "worst_rel_error": errors[worst], "errors": errors}
+
+
 def augment_cases(quick: bool) -> list[tuple[str, bool, bool, int]]:
     dtypes = ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16")
     return [(d, cl, aug, 37) for d in dtypes for cl in (True, False) for aug in (True, False)]
@@ -241,8 +310,10 @@ def augment_cases(quick: bool) -> list[tuple[str, bool, bool, int]]:
 
 def jobs_for(cases: str, quick: bool = False) -> list[tuple[str, Any]]:
     """(family, case) in checking order: ``visit`` (every form quickly + the headline shapes), ``rest``, ``all``."""
-    every = [("online_kd", c) for c in online_kd_cases(quick)] + [("augment", c) for c in augment_cases(quick)]
-    visit = [("online_kd", c) for c in online_kd_cases(True) + VISIT_EXTRA]
+    every = [("online_kd", c) for c in online_kd_cases(quick)] + [("mde_head", c) for c in mde_head_cases(quick)]
+    every += [("augment", c) for c in augment_cases(quick)]
+    visit = [("mde_head", c) for c in mde_head_cases(True)]  # what MDE trains with first
+    visit += [("online_kd", c) for c in online_kd_cases(True) + VISIT_EXTRA]
     visit += [("augment", c) for c in augment_cases(True) if c[1] and c[2]]  # channels-last, augmented: training's
     if cases == "visit":
         return visit
@@ -336,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=device).manual_seed(seed + n)
         start = time.perf_counter()
         try:
-            result = (run_online_kd if family == "online_kd" else run_augment)(case, device, gen)
+            run = {"online_kd": run_online_kd, "mde_head": run_mde_head, "augment": run_augment}[family]
+            result = run(case, device, gen)
         except Exception as error:  # a crash is a failure of this case, reported; the others still run
             traceback.print_exc()
             result = {"ok": False, "worst_output": f"error: {type(error).__name__}: {error}"[:300], "errors": {}}
             result["worst_rel_error"] = ""
-        label = str(case) if family == "online_kd" else "-".join(map(str, case))
+        label = str(case) if family in ("online_kd", "mde_head") else "-".join(map(str, case))
         row = base | {
             "family": family,
             "case": label,
