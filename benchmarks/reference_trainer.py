@@ -10,7 +10,10 @@ is fed and driven differs. The loss is MDE's (okdfast/methods/mde.py, docs/METHO
     target = sum_i a_i t_i                     the FFM target of the K-1 auxiliaries t_i, a = the FFM attention
     L = sum_k CE(z_k, y) + target_ce * CE(target, y)
         + w * [sum_i T^2 KL(p(target) || p(t_i)) + T^2 KL(p(mean_i t_i) || p(z_leader))]   (leader target detached)
-        + lambda_CD * sum_{i<j} ||W_i^T W_j||_F   (the auxiliaries' classifier weights; the frobenius form)
+        + lambda_CD * CD, with MDE's CD form:
+          frobenius       sum_{i<j} ||W_i^T W_j||_F   (the auxiliaries' classifier weights)
+          nontarget_corr  the mean over pairs i<j of the batch mean of cos(r_i, r_j), r_i = p(t_i) without the
+                          label's class, centred (a per-sample correlation)
 """
 
 from __future__ import annotations
@@ -62,15 +65,32 @@ def reference_loader(
     )
 
 
-def reference_method(arch: str, num_classes: int, num_branches: int) -> Method:
-    """MDE with every okdfast speed default turned off (eager branches, the PyTorch loss path)."""
+WRITTEN_OUT_CD_FORMS = ("frobenius", "nontarget_corr")
+
+
+def reference_method(arch: str, num_classes: int, num_branches: int, cd_form: str | None = None) -> Method:
+    """MDE with every okdfast speed default turned off (eager branches, the PyTorch loss path); ``cd_form``: MDE's
+    default unless given."""
     config = MethodConfig(num_branches=num_branches, fused_loss="off")
+    config = dataclasses.replace(config, cd_form=cd_form or config.cd_form)
     if hasattr(config, "branch_impl"):
         config = dataclasses.replace(config, branch_impl="loop")
     method = create_method("mde", arch, num_classes, config)
-    if method.config.cd_form != "frobenius":
-        raise ValueError("the reference trainer writes out the frobenius CD form only")
+    if method.config.cd_form not in WRITTEN_OUT_CD_FORMS:
+        raise ValueError(f"the reference trainer writes out the CD forms {', '.join(WRITTEN_OUT_CD_FORMS)} only")
     return method
+
+
+def nontarget_correlation(aux_logits: list[Tensor], labels: Tensor, temperature: float) -> Tensor:
+    """The CD form nontarget_corr written out: per sample, the cosine of the centred non-target probabilities of
+    every pair of auxiliaries, averaged over the batch and the pairs."""
+    keep = torch.ones_like(aux_logits[0], dtype=torch.bool).scatter(1, labels[:, None], False)
+    rows = []
+    for z in aux_logits:
+        p = F.softmax(z / temperature, dim=1)[keep].view(z.shape[0], -1)
+        rows.append(p - p.mean(dim=1, keepdim=True))
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    return sum(F.cosine_similarity(rows[i], rows[j], dim=1, eps=1e-8).mean() for i, j in pairs) / len(pairs)
 
 
 class KLLoss(nn.Module):
@@ -106,11 +126,14 @@ def reference_step(
     loss_group = sum(criterion_t(logits[:, i], target) for i in range(num_aux))
     aux_mean = sum(logits[:, i] for i in range(num_aux)) / num_aux
     loss_group = loss_group + criterion_t(logits[:, -1], aux_mean.detach())
-    weights = method.net.classifier_weights(slice(0, num_aux))  # (K-1, C, D)
     cd = 0.0
-    for i in range(num_aux):
-        for j in range(i + 1, num_aux):
-            cd = cd + torch.linalg.matrix_norm(weights[i].t() @ weights[j])
+    if method.config.cd_form == "nontarget_corr":
+        cd = nontarget_correlation([logits[:, i] for i in range(num_aux)], labels, method.config.temperature)
+    else:
+        weights = method.net.classifier_weights(slice(0, num_aux))  # (K-1, C, D)
+        for i in range(num_aux):
+            for j in range(i + 1, num_aux):
+                cd = cd + torch.linalg.matrix_norm(weights[i].t() @ weights[j])
     loss = loss_true + consistency_weight * loss_group + method.cd_weight * cd
     optimizer.zero_grad()
     loss.backward()

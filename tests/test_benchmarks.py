@@ -204,9 +204,10 @@ def test_sweep_rows_validate_every_config_in_the_interpreter(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_reference_trainer_is_eager_and_trains_the_methods_own_loss():
+@pytest.mark.parametrize("cd_form", [None, "frobenius", "nontarget_corr"])
+def test_reference_trainer_is_eager_and_trains_the_methods_own_loss(cd_form):
     torch.manual_seed(0)
-    method = reference_method("resnet8", 10, 4)
+    method = reference_method("resnet8", 10, 4, cd_form)
     assert method.config.fused_loss == "off" and getattr(method.config, "branch_impl", "loop") == "loop"
     images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     expected = method.loss(method(images), labels, torch.tensor(1.0)).total
