@@ -170,6 +170,12 @@ def _load_weights(
 
 
 @triton.jit
+def _in_acc(x, ACC: tl.constexpr):
+    """A scalar argument (float32, or a Python float in the interpreter) as a scalar of the accumulation dtype."""
+    return tl.sum(tl.zeros([1], ACC), axis=0) + x
+
+
+@triton.jit
 def _widen(x, BLOCK_K: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
     """[TB] -> [BLOCK_K]: a one-row teacher's value repeated (TB == 1), else x itself (TB == BLOCK_K)."""
     if TB == 1:
@@ -247,6 +253,7 @@ def _online_kd_fwd_kernel(
 
     y_ok = (y >= 0) & (y < C)  # False only for an unchecked out-of-range label: the row becomes NaN below
     y_safe = tl.where(y_ok, y, 0)
+    temperature = _in_acc(temperature, ACC)  # one T in every product and quotient (1/T not mixed with /T in float64)
     inv_t = 1.0 / temperature
     eps = label_smoothing
     if HAS_KDW:
@@ -273,7 +280,7 @@ def _online_kd_fwd_kernel(
     sum_t = tl.zeros([TB], ACC)
     # CD: count, mean and centred co-moments of e^{(z_k - m_k)/T} over the non-target classes, merged chunk by chunk
     # (Chan et al.), rescaled with the running maxima: no sum of squares minus a squared sum to cancel in float32
-    n_cd = tl.sum(tl.zeros([2], ACC), axis=0)  # a scalar of the accumulation dtype
+    n_cd = _in_acc(0.0, ACC)
     mean_cd = tl.zeros([BLOCK_K], ACC)
     co_cd = tl.zeros([BLOCK_K, BLOCK_K], ACC)
     for start in range(0, C, BLOCK_C):
@@ -566,6 +573,7 @@ def _online_kd_bwd_kernel(
         return
 
     y_ok = (y >= 0) & (y < C)
+    temperature = _in_acc(temperature, ACC)  # one T in every product and quotient (1/T not mixed with /T in float64)
     inv_t = 1.0 / temperature
     eps = label_smoothing
     if HAS_KDW:

@@ -27,8 +27,9 @@ class TwoLevelMethod(Method):
         super().__init__(arch, num_classes, config)
         self.aux_branches = config.num_branches - 1
         self.net = self.build_net()
-        leader_row = F.pad(torch.full((1, 1, self.aux_branches), 1.0 / self.aux_branches), (0, 1))  # (1, 1, K)
-        self.register_buffer("leader_row", leader_row, persistent=False)
+        # float64, cast where it is used: 1/(K-1) exact in float64 runs, correctly rounded in float32 ones
+        leader_row = torch.full((1, 1, self.aux_branches), 1.0 / self.aux_branches, dtype=torch.float64)
+        self.register_buffer("leader_row", F.pad(leader_row, (0, 1)), persistent=False)  # (1, 1, K)
 
     def teacher_weights(self, aux_rows: Tensor) -> Tensor:
         """aux_rows (B, K-1, K-1) (or (B, 1, K-1): one target shared by the auxiliaries) -> W (B, K, K)."""
