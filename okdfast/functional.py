@@ -13,7 +13,7 @@ from okdfast.ops.classifier_diversity import classifier_diversity_loss as _class
 from okdfast.ops.mde_head import mde_head
 from okdfast.ops.mde_head_options import MDEHeadOptions, MDEHeadTerms
 from okdfast.ops.online_kd import online_kd
-from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms
+from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms, split_kd_weight
 
 __all__ = [
     "classifier_diversity_loss",
@@ -117,8 +117,8 @@ def online_kd_loss_and_terms(
     """:func:`online_kd_loss` and its unweighted terms ``OnlineKDTerms(ce, teacher_ce, kd)``, each averaged over
     the non-ignored rows and detached (from the same pass, for logging). ``options``: the other keywords of
     :func:`online_kd_loss` (the fields of :class:`okdfast.ops.OnlineKDOptions`)."""
-    weight_tensor = kd_weight if isinstance(kd_weight, Tensor) else None
-    opts = OnlineKDOptions(kd_weight=1.0 if weight_tensor is not None else kd_weight, **options)
+    kd_float, weight_tensor = split_kd_weight(kd_weight, logits)
+    opts = OnlineKDOptions(kd_weight=kd_float, **options)
     return online_kd(logits, target, teacher, teacher_weights, opts, weight_tensor)
 
 
@@ -199,6 +199,6 @@ def mde_head_loss_and_terms(
     """:func:`mde_head_loss` and its unweighted terms ``MDEHeadTerms(ce, target_ce, kd, cd)`` averaged over the
     non-ignored rows, detached (``cd`` is reported even at cd_weight 0). ``options``: the other keywords of
     :func:`mde_head_loss` (the fields of :class:`okdfast.ops.MDEHeadOptions`)."""
-    weight_tensor = kd_weight if isinstance(kd_weight, Tensor) else None
-    opts = MDEHeadOptions(kd_weight=1.0 if weight_tensor is not None else kd_weight, **options)
+    kd_float, weight_tensor = split_kd_weight(kd_weight, logits)
+    opts = MDEHeadOptions(kd_weight=kd_float, **options)
     return mde_head(logits, target, attention_logits, opts, weight_tensor)

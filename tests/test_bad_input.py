@@ -1190,7 +1190,7 @@ OP_ERRORS = [
     (dict(teacher_weights=torch.randn(B, K + 1)), "teacher_weights: expected (B, K) = (6, 3)"),
     (dict(teacher=torch.randn(B, C), teacher_weights=torch.randn(B, K)), "pass one of them"),
     (dict(kd_weight=torch.ones(2)), "kd_weight: a tensor weight must be a one-element float tensor"),
-    (dict(temperature=0.0), "temperature=0.0: must be > 0"),
+    (dict(temperature=0.0), "temperature=0.0: must be a number in [0.01, 100]"),
     (dict(temperature=float("nan")), "temperature=nan: must be a finite number"),
     (dict(label_smoothing=2.0), "label_smoothing=2.0: must be in [0, 1]"),
     (dict(reduction="avg"), "reduction='avg': use 'mean', 'sum' or 'none'"),

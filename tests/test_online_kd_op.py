@@ -562,7 +562,8 @@ INVALID = [
     (_bad(detached_teacher_rows=(0,), mode="peer"), "detached_teacher_rows"),
     (_bad(mode="dml"), "mode='dml'"),
     (_bad(reduction="batchmean"), "reduction='batchmean'"),
-    (_bad(temperature=0.0), "temperature=0.0: must be > 0"),
+    (_bad(temperature=0.0), r"temperature=0.0: must be a number in \[0.01, 100\]"),
+    (_bad(temperature=1000.0), r"temperature=1000.0: must be a number in \[0.01, 100\]"),  # the KL's precision
     (_bad(temperature=float("nan")), "temperature=nan: must be a finite number"),
     (_bad(kd_weight=float("inf")), "kd_weight=inf"),
     (_bad(ce_weight=None), "ce_weight=None"),
@@ -724,3 +725,27 @@ def test_triton_interpreter_suite():
 def test_kernel_on_a_device_where_it_cannot_run_is_one_clear_error():
     with pytest.raises(ValueError, match="do not run on cpu.*fused_loss='auto'"):
         online_kd(torch.randn(4, 3, 10), torch.tensor([0, 1, 2, 3]), kernel=True)
+
+
+def test_compile_with_changing_python_floats_neither_breaks_nor_recompiles_per_value():
+    """A compiled step passing the ramp-up kd_weight (and a temperature, a label smoothing) as Python floats: a new
+    kd_weight compiles once more (a dynamic value) and then never again, without a graph break; a new temperature or
+    label smoothing may recompile but never raises; every value equals the eager loss."""
+    import torch._dynamo.testing
+
+    from okdfast.functional import mde_head_loss
+
+    torch.manual_seed(0)
+    logits, target, energy = torch.randn(8, 4, 10), torch.randint(0, 10, (8,)), torch.randn(8, 3)
+    for loss_fn in (
+        lambda w, t, ls: online_kd_loss(logits, target, kd_weight=w, temperature=t, label_smoothing=ls),
+        lambda w, t, ls: mde_head_loss(logits, target, energy, kd_weight=w, temperature=t, label_smoothing=ls),
+    ):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+        for w in (0.1, 0.2, 0.3, 0.4, 0.5):
+            torch.testing.assert_close(compiled(w, 3.0, 0.0), loss_fn(w, 3.0, 0.0))
+        assert counter.frame_count <= 2, counter.frame_count
+        for t, ls in ((2.0, 0.1), (4.0, 0.1), (4.0, 0.2)):
+            torch.testing.assert_close(compiled(0.5, t, ls), loss_fn(0.5, t, ls))

@@ -15,7 +15,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from okdfast.ops.online_kd_options import FLOAT_DTYPES, OnlineKDOptions, check_shared_options, temperature_error
+from okdfast.ops.online_kd_options import (
+    FLOAT_DTYPES,
+    OnlineKDOptions,
+    check_shared_options,
+    temperature_error,
+)
 
 
 @dataclass(frozen=True)

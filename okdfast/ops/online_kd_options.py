@@ -30,7 +30,7 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 def temperature_problem(value: object) -> str | None:
     """What is wrong with a temperature (None when it is a number inside TEMPERATURE_RANGE); the callers name it."""
     low, high = TEMPERATURE_RANGE
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+    if not is_finite_number(value) or not bool(low <= value <= high):
         return (
             f"must be a number in [{low:g}, {high:g}] (outside it the float32 KL loses its precision or overflows; "
             "T = 1 is the plain softmax)"
@@ -44,6 +44,28 @@ def temperature_error(value: object, name: str = "temperature") -> str | None:
     return f"{name}={value!r}: {problem}" if problem else None
 
 
+def split_kd_weight(kd_weight: float | Tensor, like: Tensor) -> tuple[float, Tensor | None]:
+    """The public functions' ``kd_weight`` as (the options' float, the op's device tensor). A tensor goes to the op
+    as it is; so does a Python float under torch.compile, as a 0-d tensor on ``like``'s device made by multiplying
+    (a changing ramp-up weight then stays symbolic: one more compile for a dynamic value, none after, no graph
+    break); in eager mode a float stays a float."""
+    if isinstance(kd_weight, Tensor):
+        return 1.0, kd_weight
+    if torch.compiler.is_compiling():
+        return 1.0, torch.ones((), dtype=torch.float32, device=like.device) * kd_weight
+    return kd_weight, None
+
+
+def is_finite_number(value: object) -> bool:
+    """A finite real number (not a bool). Comparisons, not math.isfinite: under torch.compile a Python float that
+    changed between calls arrives as a symbolic float (torch's automatic dynamic shapes), and a comparison of it is a
+    guard on the property, not a graph break (a new temperature or label smoothing then neither raises nor
+    recompiles while it stays valid)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.SymFloat | torch.SymInt):
+        return False
+    return bool(value == value) and bool(-math.inf < value < math.inf)
+
+
 def check_shared_options(options: object, finite: tuple[str, ...]) -> None:
     """The checks every loss op's options share: ``reduction``; the fields named in ``finite`` and
     ``label_smoothing`` finite numbers; ``label_smoothing`` in [0, 1]; ``ignore_index`` an int. Raises a ValueError
@@ -52,7 +74,7 @@ def check_shared_options(options: object, finite: tuple[str, ...]) -> None:
         raise ValueError(f"reduction={options.reduction!r}: use 'mean', 'sum' or 'none'")
     for name in (*finite, "label_smoothing"):
         value = getattr(options, name)
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise ValueError(f"{name}={value!r}: must be a finite number")
     if not 0.0 <= options.label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={options.label_smoothing}: must be in [0, 1]")
@@ -80,8 +102,9 @@ class OnlineKDOptions:
         if self.mode not in KD_MODES:
             raise ValueError(f"mode={self.mode!r}: use 'ensemble' (distil from the teacher) or 'peer' (DML)")
         check_shared_options(self, ("temperature", "ce_weight", "kd_weight", "teacher_ce_weight"))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: must be > 0 (T = 1 is the plain softmax)")
+        message = temperature_error(self.temperature)
+        if message:
+            raise ValueError(message)
         if not isinstance(self.detach_teacher, bool):
             raise ValueError(f"detach_teacher={self.detach_teacher!r}: must be True or False")
         for name in ("teacher_ce_rows", "detached_teacher_rows"):
