@@ -24,6 +24,16 @@ FFM_INPUTS = ("sum", "concat", "sum+logits", "concat+logits", "logits")
 
 
 class FeatureFusionModule(nn.Module):
+    """MDE's Feature Fusion Module (docs/METHOD.md section 3): from the M auxiliary branches' pooled features
+    (B, M, D) (and their logits (B, M, C) when ``inputs`` names them), FC(width -> R, no bias) -> BatchNorm1d ->
+    ReLU -> FC(R -> M), R = max(D / reduction, min_hidden): the attention logits (B, M), or (B, M, M) with
+    ``per_auxiliary`` (one attention row per auxiliary). Feed them to ``okdfast.functional.mde_head_loss``, which
+    applies the attention softmax and builds the targets; the FFM learns through that loss's gradient.
+
+    ``inputs``: ``sum`` (the features summed, default), ``concat``, ``sum+logits``, ``concat+logits`` or ``logits``
+    (the logits are read detached: the FFM weighs the auxiliaries, it does not train them).
+    """
+
     def __init__(
         self,
         channels: int,
