@@ -26,3 +26,5 @@ def test_python_examples_run():
         assert loss.ndim == 0 and torch.isfinite(loss)
         assert cd.ndim == 0 and torch.isfinite(cd)
         assert namespace["logits"].grad is not None and torch.isfinite(namespace["logits"].grad).all()
+        if "ffm" in namespace:  # the plain MDE loop trained the FFM through the head's loss
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in namespace["ffm"].parameters())
