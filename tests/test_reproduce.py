@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from okdfast.config import TrainConfig
@@ -199,6 +200,24 @@ def test_dry_run_prints_the_plan_of_the_cifar100_table(tmp_path):
     assert "36 runs" in result.stdout and "schedule short" in result.stdout
     assert sum(" new " in line for line in lines) == 36
     assert not (tmp_path / "plan").exists()  # a dry run writes nothing
+
+
+def test_dry_run_says_where_the_data_is_and_when_a_gpu_is_needed(tmp_path, capsys, monkeypatch):
+    from okdfast.reproduce.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OKDFAST_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("OKDFAST_DATA", str(tmp_path / "nowhere"))
+    assert main(["--table", "cifar10", "--dry-run", "--probe", "none", "--out", str(tmp_path / "a")]) == 0
+    assert f"data: cifar10 NOT FOUND (tried {tmp_path / 'nowhere'}" in capsys.readouterr().out
+    (tmp_path / "nowhere").mkdir()
+    np.savez(tmp_path / "nowhere" / "cifar10.npz", x_train=np.zeros((2, 32, 32, 3), np.uint8), y_train=np.zeros(2),
+             x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1))  # fmt: skip
+    monkeypatch.setattr("okdfast.reproduce.cli.CPU_REASONABLE_S", 1.0)  # any estimate is then "too long"
+    assert main(["--table", "cifar10", "--dry-run", "--probe", "arch", "--probe-seconds", "0.2", "--archs",
+                 "resnet32", "--methods", "baseline", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"data: cifar10 found at {tmp_path / 'nowhere' / 'cifar10.npz'}" in out and "this table needs a GPU" in out
 
 
 def test_dry_run_estimates_from_a_timed_probe_and_writes_nothing(tmp_path, capsys):

@@ -208,6 +208,13 @@ def plan_text(
                 f"time budget {budget_minutes:g} min: about {fit} of the {len(unfinished)} unfinished runs finish in "
                 "it, one after another; the run going at the deadline is checkpointed and resumes next time"
             )
+        if total > CPU_REASONABLE_S and runs and run_device(runs[0].config).type != "cuda":
+            lines.append(
+                f"this table needs a GPU: {format_duration(total)} one run after another on this "
+                f"{device_label(run_device(runs[0].config))} is "
+                "not a reasonable time (--schedule short, --seeds 1 or --methods shorten it); no GPU speed is "
+                "measured here, so no GPU estimate is printed"
+            )
         lines.append(
             "estimate: remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up per run; "
             "speed sources: runs = images/s logged by earlier runs in OUT; probe = timed training steps on random "
@@ -215,6 +222,38 @@ def plan_text(
             "scaled by each method's counted training FLOPs (okdfast/reproduce/estimate.py)"
         )
     return "\n".join(lines)
+
+
+CPU_REASONABLE_S = 24 * 3600  # a dry run on a CPU says "needs a GPU" above a day of runs
+
+
+def data_line(runs: list[PlannedRun]) -> str:
+    """Where the runs' data set is found (the first path that holds it), or that it is missing and what a run would
+    do: download CIFAR, or stop naming the paths tried."""
+    from okdfast.data.cifar import find_cifar
+    from okdfast.data.cinic import find_cinic10
+    from okdfast.data.locate import download_by_default, search_roots
+
+    if not runs:
+        return "data: no run planned"
+    config = runs[0].config
+    if config.dataset not in ("cifar10", "cifar100", "cinic10"):
+        return f"data: {config.dataset} (generated, nothing to read)"
+    roots = search_roots(config.data_dir)
+    if config.dataset == "cinic10":
+        found, tried = find_cinic10(roots)
+    else:
+        found, tried = find_cifar(config.dataset, roots)
+    if found is not None:
+        return f"data: {config.dataset} found at {found}"
+    argv = runs[0].argv
+    told = "--download" in argv or "--no-download" in argv
+    downloads = "--download" in argv or (not told and download_by_default(config.dataset, config.data_dir))
+    shown = ", ".join(map(str, tried[:4])) + (" ..." if len(tried) > 4 else "")
+    if config.dataset != "cinic10" and downloads:
+        return f"data: {config.dataset} is not there yet; the first run downloads it (tried {shown})"
+    return (f"data: {config.dataset} NOT FOUND (tried {shown}): every run would stop; pass --data-dir, or see the "
+            "README's Data section")  # fmt: skip
 
 
 def references_for_plot(table: Table) -> dict[str, dict[str, float]]:
@@ -275,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "okdfast.reproduce", *argv])
 
     if args.dry_run:
+        print(data_line(runs))
         print(
             plan_text(
                 catalog,
