@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,20 +174,43 @@ def loss_figure(run: RunData) -> Figure:
     return fig
 
 
+DIAGNOSTIC_PANELS = (  # (title, y label, [(metrics key, legend)]): what each mechanism acts on (issue 19)
+    ("Disagreement on the test set", "fraction of test images, mean over pairs",
+     [("disagreement", "among the auxiliaries"), ("disagreement_all", "among all branches")]),
+    ("Pairwise KL on the test set", "mean KL(p_j || p_k)",
+     [("diversity_kl", "among the auxiliaries"), ("diversity_kl_all", "among all branches")]),
+    ("What CD acts on", "correlation / cosine",
+     [("aux_corr", "non-target correlation (nontarget_corr)"), ("classifier_abscos", "classifiers' mean |cos|"),
+      ("classifier_cos2", "classifiers' mean cos^2")]),
+    ("Loss terms' shares and CD's gradient", "fraction",
+     [("share_ce", "CE share"), ("share_teacher_ce", "CE(target) share"), ("share_kd", "KD share"),
+      ("share_cd", "CD share"), ("cd_grad_ratio", "|grad CD| / |grad task| on the classifiers")]),
+    ("What the FFM does", "",
+     [("attention_entropy", "attention entropy / log(K-1)"), ("attention_on_correct", "weight on a correct aux."),
+      ("attention_on_wrong", "weight on a wrong aux."), ("target_gain", "acc(target) - acc(aux. ensemble)")]),
+)  # fmt: skip
+
+
 def diversity_figure(run: RunData) -> Figure:
-    """Mean pairwise KL between the branches (left axis) and their disagreement (right axis) per epoch."""
+    """The diversity diagnostics per epoch, one panel per question (DIAGNOSTIC_PANELS): disagreement and pairwise KL
+    among the auxiliaries and among all branches, what CD acts on, the loss terms' shares with CD's gradient ratio,
+    and the FFM's attention; a panel whose keys the run does not log is left out."""
+    panels = [p for p in DIAGNOSTIC_PANELS if any(run.series(key)[0] for key, _ in p[2])]
     fig = _figure()
-    ax = fig.add_subplot()
-    ax.plot(*run.series("diversity_kl"), color="tab:blue", label="diversity KL (mean over pairs)")
-    ax.set(xlabel="epoch", ylabel="mean pairwise KL(p_j || p_k)", title=f"Branch diversity: {run.label}")
-    ax.grid(alpha=0.3)
-    right = ax.twinx()
-    right.plot(*run.series("disagreement"), color="tab:orange", label="disagreement (fraction)")
-    right.set_ylabel("disagreement (fraction of test images)")
-    _style_epochs(ax, run)
-    _style_epochs(right, run)
-    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8)
+    fig.set_size_inches(7.0, 2.6 * max(len(panels), 1))
+    for i, (title, ylabel, series) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        for key, legend in series:
+            epochs, values = run.series(key)
+            if epochs:
+                ax.plot(epochs, values, marker="o" if len(epochs) < 12 else None, label=legend)
+        ax.set(ylabel=ylabel, title=title if i else f"Diversity diagnostics: {run.label}\n{title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _style_epochs(ax, run)
+    if panels:
+        fig.axes[-1].set_xlabel("epoch")
+    fig.tight_layout()
     return fig
 
 
@@ -327,12 +352,19 @@ def plot_runs(
     *,
     include_unfinished: bool = False,
     references: dict[str, dict[str, float]] | None = None,
+    report: Callable[[str], Any] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, list[Path]]:
     """Every run's figures, plus comparison.png in ``out`` when there are several runs. Returns the paths by run
-    folder (and 'comparison')."""
+    folder (and 'comparison'); ``report`` gets a line for every run left out and why."""
     runs = [load_run(d) for d in run_dirs]
     written: dict[str, list[Path]] = {str(run.run_dir): plot_run(run) for run in runs if run.rows}
     compared = [run for run in runs if include_unfinished or run.finished]
+    for run in runs:
+        if not run.rows:
+            report(f"skipped {run.run_dir}: no finished epoch in its metrics.jsonl yet (no figure)")
+        elif len(runs) > 1 and run not in compared:
+            report(f"skipped {run.run_dir} in comparison.png: unfinished ({len(run.rows)} epochs; "
+                   "--include-unfinished compares its last epoch)")  # fmt: skip
     if len(runs) > 1 and compared:
         if out is None:
             out = Path(os.path.commonpath([str(run.run_dir.resolve()) for run in runs])) / "plots"

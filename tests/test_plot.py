@@ -74,9 +74,14 @@ def test_loss_and_diversity_figures(tmp_path):
     run = load_run(write_run(tmp_path / "mde", method="mde"))
     assert labels(loss_figure(run).axes[0]) == ["total", "ce", "kd", "teacher ce"]
     fig = diversity_figure(run)
-    assert len(fig.axes) == 2  # KL on the left axis, disagreement on the twin right axis
+    assert len(fig.axes) == 2  # the panels of the keys this run logs: disagreement, then the pairwise KL
     assert [len(ax.get_lines()) for ax in fig.axes] == [1, 1]
-    assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.5, 0.45, 0.4, 0.35, 0.3])
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == pytest.approx([0.5, 0.45, 0.4, 0.35, 0.3])
+    for row in run.rows:  # every diagnostic of issue 19 gets its panel and line
+        row |= {"aux_corr": 0.9, "classifier_abscos": 0.1, "share_cd": 0.05, "cd_grad_ratio": 0.01,
+                "attention_entropy": 0.95, "attention_on_correct": 0.34, "target_gain": 0.5}  # fmt: skip
+    fig = diversity_figure(run)
+    assert [len(ax.get_lines()) for ax in fig.axes] == [1, 1, 2, 2, 3]
 
 
 def test_single_branch_run_has_no_ensemble_nor_diversity(tmp_path):
@@ -111,10 +116,11 @@ def test_comparison_bars_are_seed_means_with_std_error_bars(tmp_path):
     assert groups["one\nresnet8\nsynthetic"]["head"] == pytest.approx([100 - (60.0 + s + 4) for s in (0, 1, 2)])
 
 
-def test_cli_writes_non_empty_pngs_for_every_run_and_the_comparison(tmp_path):
+def test_cli_writes_non_empty_pngs_for_every_run_and_the_comparison(tmp_path, capsys):
     dirs = [write_run(tmp_path / "runs" / f"one_s{s}", seed=s) for s in (0, 1)]
     dirs.append(write_run(tmp_path / "runs" / "mde_s0", method="mde", finished=False))
     written = main([str(d) for d in dirs])
+    assert f"skipped {dirs[2]} in comparison.png: unfinished" in capsys.readouterr().err  # says what it left out
     for run_dir in dirs:
         assert sorted(p.name for p in written[str(run_dir)]) == ["accuracy.png", "diversity.png", "losses.png"]
     assert written["comparison"] == [tmp_path / "runs" / "plots" / "comparison.png"]
