@@ -210,7 +210,6 @@ def diversity_figure(run: RunData) -> Figure:
         _style_epochs(ax, run)
     if panels:
         fig.axes[-1].set_xlabel("epoch")
-    fig.tight_layout()
     return fig
 
 
