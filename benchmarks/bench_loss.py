@@ -44,10 +44,10 @@ gradient written); ``pct_copy_bw`` divides by the copy bandwidth measured on thi
 ``launch`` names the launch configuration the fused kernels' heuristics chose (``kernels/online_kd.py``).
 
 ``--sweep NAME``: the forward and backward kernels called through their host launchers with every ``block_c`` x
-``num_warps`` of ``SWEEPS[NAME]`` (the heuristic's choice first, then its neighbours, nearest first), each
-validated against the reference, then fwd, bwd and fwd+bwd timed (CUDA graphs at the small shape): rows with
-``impl = fused-sweep``, the config, and the registers and spills of the variants it compiled. The rows to choose
-the heuristics from. The kernels take no rows-per-program parameter (one program per row): that is not swept.
+``num_warps`` x ``rows_per_program`` of ``SWEEPS[NAME]`` (the heuristic's choice first, then its neighbours,
+nearest first), each validated against the reference, then fwd, bwd and fwd+bwd timed (CUDA graphs at the small
+shape): rows with ``impl = fused-sweep``, the config, and the registers and spills of the variants it compiled.
+The rows to choose the heuristics from. C is never split across programs (a row's statistics are one program's).
 
 ``--time-budget``: no combination (or sweep config) starts unless its estimated time, first compiles included,
 fits in what is left; the ones skipped are named. ``--tiny`` (a CPU rehearsal of a GPU visit) keeps the plan and
@@ -247,14 +247,14 @@ class Subject:
 
 
 def online_kd_launch(shape: Shape, teacher, weights) -> str:
-    """The (BLOCK_K, TB, BLOCK_C, num_warps) the kernels' heuristics pick for this call."""
+    """The launch configuration (BLOCK_K, TB, BLOCK_C, num_warps, rows per program) the kernels' heuristics pick
+    for this call."""
     from okdfast.kernels.online_kd import launch_config
 
     batch, branches, classes = shape
     rows = teacher_weight_layout(weights, batch, branches)[0] if weights is not None else 0
     rows = rows or (branches if teacher is not None and teacher.dim() == 3 else 1)
-    block_k, tb, block_c, warps = launch_config(branches, classes, rows, weights is not None)
-    return f"BLOCK_K={block_k} TB={tb} BLOCK_C={block_c} num_warps={warps}"
+    return launch_config(branches, classes, rows, weights is not None).describe()
 
 
 def online_kd_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Call:
@@ -311,7 +311,6 @@ def mde_head_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.dev
 
     from okdfast.kernels.online_kd import launch_config
 
-    block_k, tb, block_c, warps = launch_config(shape[1], shape[2], shape[1], True)
     return Call(
         args=args,
         wrt=[logits, attention],
@@ -321,7 +320,7 @@ def mde_head_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.dev
         },
         fns={"reference": reference, "fused": fused, "composed": composed, "op": op},
         tolerance=1e-4 if dtype == torch.float32 else 2e-2,
-        launch=f"BLOCK_K={block_k} TB={tb} BLOCK_C={block_c} num_warps={warps}",
+        launch=launch_config(shape[1], shape[2], shape[1], True).describe(),
     )
 
 
@@ -636,28 +635,35 @@ class SweepCase(NamedTuple):
     shape: Shape
     block_c: tuple[int, ...]
     num_warps: tuple[int, ...]
+    rows_per_program: tuple[int, ...] = (1,)
 
 
 SWEEPS: dict[str, tuple[SweepCase, ...]] = {
     "headline": (
-        SweepCase("mde", (128, 4, 100), (32, 64, 128), (1, 2, 4, 8)),  # one block per row; how many warps
+        # one block covers the row: how many warps, and whether a program should take several of the 128 rows
+        SweepCase("mde", (128, 4, 100), (64, 128), (1, 2, 4, 8), (1, 2, 4)),
         SweepCase("mde", (4096, 4, 32768), (128, 256, 512, 1024), (4, 8, 16)),  # C in chunks: how long a chunk
     ),
 }
-TINY_SWEEP = (SweepCase("mde", (4, 4, 40), (16, 32), (1, 2)),)
+TINY_SWEEP = (SweepCase("mde", (4, 4, 40), (16, 32), (1, 2), (1, 3)),)
+
+SweepConfig = tuple[int, int, int]  # (block_c, num_warps, rows_per_program)
 
 
-def sweep_order(default: tuple[int, int], case: SweepCase) -> list[tuple[int, int]]:
-    """(block_c, num_warps): the heuristic's choice first, then the grid by distance from it (log2 steps)."""
-    grid = {(c, w) for c in case.block_c for w in case.num_warps} | {default}
+def sweep_order(default: SweepConfig, case: SweepCase) -> list[SweepConfig]:
+    """(block_c, num_warps, rows_per_program): the heuristic's choice first, then the grid by distance from it
+    (log2 steps summed), so that a time budget cuts the configurations farthest from the default."""
+    grid = {(c, w, r) for c in case.block_c for w in case.num_warps for r in case.rows_per_program} | {default}
 
-    def distance(config: tuple[int, int]) -> tuple[float, tuple[int, int]]:
-        return abs(math.log2(config[0] / default[0])) + abs(math.log2(config[1] / default[1])), config
+    def distance(config: SweepConfig) -> tuple[float, SweepConfig]:
+        return sum(abs(math.log2(x / d)) for x, d in zip(config, default)), config
 
     return sorted(grid, key=distance)
 
 
-def launcher_calls(call: Call, form: str, block_c: int, num_warps: int) -> dict[str, Callable]:
+def launcher_calls(
+    call: Call, form: str, block_c: int, num_warps: int, rows_per_program: int = 1
+) -> dict[str, Callable]:
     """fwd, bwd and fwd+bwd of the online-KD kernels through their host launchers at a forced launch config, with
     the arguments the op passes (``okdfast.ops.online_kd``); ``state`` keeps the last forward's outputs."""
     from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
@@ -674,7 +680,7 @@ def launcher_calls(call: Call, form: str, block_c: int, num_warps: int) -> dict[
     z, t = logits.detach(), None if teacher is None else teacher.detach()
     w = None if weights is None else weights.detach()
     grad = torch.ones((), dtype=torch.float32, device=logits.device)
-    config = {"block_c": block_c, "num_warps": num_warps}
+    config = {"block_c": block_c, "num_warps": num_warps, "rows_per_program": rows_per_program}
     state: dict[str, Any] = {}
 
     def fwd():
@@ -727,22 +733,27 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         expected = [call.fns["reference"](*call.args)]
         expected += torch.autograd.grad(expected[0], call.wrt)
         rows_kt = teacher_weight_layout(weights, case.shape[0], case.shape[1])[0] if weights is not None else 1
-        _, _, block_c0, warps0 = launch_config(case.shape[1], case.shape[2], rows_kt, weights is not None)
+        default = launch_config(case.shape[1], case.shape[2], rows_kt, weights is not None)
         graphed = device.type == "cuda" and math.prod(case.shape) <= args.graph_max_elements
-        configs = sweep_order((block_c0, warps0), case)
-        for n, (block_c, num_warps) in enumerate(configs):
+        configs = sweep_order((default.block_c, default.num_warps, default.rows_per_program), case)
+        for n, (block_c, num_warps, rows_per_program) in enumerate(configs):
             where = _where(Combo("online_kd", case.form, case.shape), dtype_name)
-            where |= {"impl": "fused-sweep", "block_c": block_c, "num_warps": num_warps, "default_config": n == 0}
+            where |= {"impl": "fused-sweep", "block_c": block_c, "num_warps": num_warps}
+            where |= {"rows_per_program": rows_per_program, "default_config": n == 0}
             if args.time_budget is not None and budget.seconds - budget.elapsed() < KERNEL_COMPILE_S + 1:
-                left = ", ".join(f"{c}/{w}" for c, w in configs[n:])
-                print(f"time budget: skipped {case.form} {where['shape']} block_c/num_warps {left}", flush=True)
+                left = ", ".join("/".join(map(str, config)) for config in configs[n:])
+                print(f"time budget: skipped {case.form} {where['shape']} block_c/num_warps/rows {left}", flush=True)
                 break
             try:
                 rows += sweep_config(args, device, call, case, expected, graphed, seen, base | where, copy_gbps)
             except Exception as failure:  # a config that does not compile or validate is a row, not the end
                 message = f"{type(failure).__name__}: {failure}"[:500]
                 append_row("loss", base | where | {"error": message}, folder)
-                print(f"sweep {where['shape']} block_c={block_c} num_warps={num_warps}: FAILED ({message})", flush=True)
+                print(
+                    f"sweep {where['shape']} block_c={block_c} num_warps={num_warps} rows_per_program="
+                    f"{rows_per_program}: FAILED ({message})",
+                    flush=True,
+                )
                 args.failures += 1
         del call, expected
         if device.type == "cuda":
@@ -751,7 +762,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def sweep_config(args, device, call, case, expected, graphed, seen, where, copy_gbps) -> list[dict[str, Any]]:
-    fns = launcher_calls(call, case.form, where["block_c"], where["num_warps"])
+    fns = launcher_calls(call, case.form, where["block_c"], where["num_warps"], where["rows_per_program"])
     fns["fwd+bwd"]()
     variants = _new_variants(seen)
     loss = fns["state"]["out"][0]
@@ -774,6 +785,7 @@ def sweep_config(args, device, call, case, expected, graphed, seen, where, copy_
         rows.append(row)
         print(
             f"sweep {case.form} {row['shape']:>14s} block_c={where['block_c']:<5d} num_warps={where['num_warps']:<3d} "
+            f"rows={where['rows_per_program']:<2d} "
             f"{phase:7s} {mode:10s} {timing.median_ms:9.4f} ms  {row['kernel_pct_copy_bw']:5.1f}% copy (kernel bytes)"
             f"{'  [default]' if where['default_config'] else ''}",
             flush=True,

@@ -43,6 +43,8 @@ The block sizes (``launch_config``) come from a table of tile sizes and ptxas re
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +72,23 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+class LaunchConfig(NamedTuple):
+    """How the row kernels are launched (``launch_config``)."""
+
+    block_k: int  # BLOCK_K: the branches, padded to a power of two
+    tb: int  # TB: the teacher tile's rows
+    block_c: int  # BLOCK_C: the classes one chunk covers
+    num_warps: int
+    rows_per_program: int  # consecutive rows one program handles; the grid is ceil(B / rows_per_program)
+
+    def describe(self) -> str:
+        """The configuration as the benchmark rows write it."""
+        return (
+            f"BLOCK_K={self.block_k} TB={self.tb} BLOCK_C={self.block_c} num_warps={self.num_warps} "
+            f"rows_per_program={self.rows_per_program}"
+        )
+
+
 def launch_config(
     num_branches: int,
     num_classes: int,
@@ -77,14 +96,18 @@ def launch_config(
     weighted: bool = False,
     block_c: int | None = None,
     num_warps: int | None = None,
-) -> tuple[int, int, int, int]:
-    """(BLOCK_K, TB, BLOCK_C, num_warps): the whole (K, C) row in one tile when it fits, else C in chunks.
+    rows_per_program: int | None = None,
+) -> LaunchConfig:
+    """(BLOCK_K, TB, BLOCK_C, num_warps, rows_per_program): the whole (K, C) row in one tile when it fits, else C in
+    chunks; one row per program.
 
     TB is the teacher tile's rows (1, or BLOCK_K for per-branch teachers). With per-branch weights the teacher is a
     [TB, BLOCK_K, BLOCK_C] product, so BLOCK_C shrinks to keep it within MAX_TILE_3D. num_warps gives every thread
     about 8 tile elements (4 for BLOCK_K >= 8, half that with a per-branch teacher), at most 16 warps: at that
     density the sm_90 compiles stay at <= ~128 registers with no or few spills (gpu_checks/compile_kernels.py).
-    ``block_c`` / ``num_warps`` override (tests, tuning sweeps).
+    A program handles ``rows_per_program`` consecutive rows one after another (fewer programs, each with more
+    work, for many short rows); the default stays 1 until a GPU sweep (``bench_loss --sweep``) measures another
+    to win. ``block_c`` / ``num_warps`` / ``rows_per_program`` override (tests, tuning sweeps).
     """
     block_k = _pow2(num_branches)
     tb = block_k if teacher_rows > 1 else 1
@@ -100,7 +123,11 @@ def launch_config(
         raise ValueError(f"block_c={block_c}: must be a power of two")
     if num_warps is None:
         num_warps = min(max(block_k * block_c // (32 * per_thread), 1), 16)
-    return block_k, tb, block_c, num_warps
+    if rows_per_program is None:
+        rows_per_program = 1
+    elif rows_per_program < 1:
+        raise ValueError(f"rows_per_program={rows_per_program}: must be at least 1")
+    return LaunchConfig(block_k, tb, block_c, num_warps, int(rows_per_program))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +217,8 @@ def _widen(x, BLOCK_K: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _online_kd_fwd_kernel(
+def _fwd_row(
+    row,  # the sample (int64)
     z_ptr,  # [B, K, C] branch logits, any strides
     stride_zb,
     stride_zk,
@@ -233,7 +261,7 @@ def _online_kd_fwd_kernel(
     NUM_TERMS: tl.constexpr,  # 3, or 4 with the CD
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One row's loss, terms and statistics (the math: the module docstring)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_t = tl.arange(0, TB)
     offs_c = tl.arange(0, BLOCK_C)
@@ -422,6 +450,102 @@ def _online_kd_fwd_kernel(
     tl.store(stats + 6 * BLOCK_K, _widen(log_st_t, BLOCK_K, TB, ACC))
 
 
+@triton.jit
+def _online_kd_fwd_kernel(
+    z_ptr,
+    stride_zb,
+    stride_zk,
+    stride_zc,
+    y_ptr,
+    stride_y,
+    t_ptr,
+    stride_tb,
+    stride_tk,
+    stride_tc,
+    w_ptr,
+    stride_wb,
+    stride_wt,
+    stride_wk,
+    kdw_ptr,
+    loss_ptr,
+    terms_ptr,
+    stats_ptr,
+    K,
+    KT,
+    C,
+    ignore_index,
+    temperature,
+    label_smoothing,
+    ce_weight,
+    kd_weight,
+    teacher_ce_weight,
+    attention_temperature,
+    cd_weight,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TB: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,
+    PEER: tl.constexpr,
+    HAS_KD: tl.constexpr,
+    HAS_KDW: tl.constexpr,
+    TCE_MASK: tl.constexpr,
+    HAS_CD: tl.constexpr,
+    STATS: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    ACC: tl.constexpr,
+    B,  # rows
+    ROWS_PER_PROGRAM: tl.constexpr,  # rows one program handles, one after another (launch_config)
+):
+    """_fwd_row for ROWS_PER_PROGRAM consecutive rows (the parameters are commented there)."""
+    first = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
+    for i in tl.static_range(ROWS_PER_PROGRAM):
+        if first + i < B:
+            _fwd_row(
+                first + i,
+                z_ptr,
+                stride_zb,
+                stride_zk,
+                stride_zc,
+                y_ptr,
+                stride_y,
+                t_ptr,
+                stride_tb,
+                stride_tk,
+                stride_tc,
+                w_ptr,
+                stride_wb,
+                stride_wt,
+                stride_wk,
+                kdw_ptr,
+                loss_ptr,
+                terms_ptr,
+                stats_ptr,
+                K,
+                KT,
+                C,
+                ignore_index,
+                temperature,
+                label_smoothing,
+                ce_weight,
+                kd_weight,
+                teacher_ce_weight,
+                attention_temperature,
+                cd_weight,
+                BLOCK_K,
+                BLOCK_C,
+                TB,
+                TEACHER_MODE,
+                PEER,
+                HAS_KD,
+                HAS_KDW,
+                TCE_MASK,
+                HAS_CD,
+                STATS,
+                NUM_TERMS,
+                ACC,
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reduce: the batch's loss, term means and number of valid rows, in one program (deterministic, no atomics)
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,7 +603,8 @@ def _online_kd_reduce_kernel(
 
 
 @triton.jit
-def _online_kd_bwd_kernel(
+def _bwd_row(
+    row,  # the sample (int64)
     z_ptr,  # [B, K, C] branch logits, any strides
     stride_zb,
     stride_zk,
@@ -535,7 +660,7 @@ def _online_kd_bwd_kernel(
     NUM_TERMS: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One row's gradients, from the forward's statistics, in one pass over C."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_t = tl.arange(0, TB)
     offs_c = tl.arange(0, BLOCK_C)
@@ -662,6 +787,126 @@ def _online_kd_bwd_kernel(
             tl.store(gw_tile, gw * scale, mask=mask_tk)
 
 
+@triton.jit
+def _online_kd_bwd_kernel(
+    z_ptr,
+    stride_zb,
+    stride_zk,
+    stride_zc,
+    y_ptr,
+    stride_y,
+    t_ptr,
+    stride_tb,
+    stride_tk,
+    stride_tc,
+    w_ptr,
+    stride_wb,
+    stride_wt,
+    stride_wk,
+    kdw_ptr,
+    stats_ptr,
+    summary_ptr,
+    gout_ptr,
+    stride_gout,
+    gz_ptr,
+    gt_ptr,
+    gw_ptr,
+    K,
+    KT,
+    C,
+    ignore_index,
+    temperature,
+    label_smoothing,
+    ce_weight,
+    kd_weight,
+    teacher_ce_weight,
+    attention_temperature,
+    cd_weight,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TB: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,
+    PEER: tl.constexpr,
+    DETACH_MASK: tl.constexpr,
+    HAS_KD: tl.constexpr,
+    HAS_KDW: tl.constexpr,
+    TCE_MASK: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    MEAN: tl.constexpr,
+    WRITE_GZ: tl.constexpr,
+    WRITE_GT: tl.constexpr,
+    WRITE_GW: tl.constexpr,
+    HAS_CD: tl.constexpr,
+    CD_GRAD: tl.constexpr,
+    ATTN_SHARED: tl.constexpr,
+    STATS: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    ACC: tl.constexpr,
+    B,  # rows
+    ROWS_PER_PROGRAM: tl.constexpr,  # rows one program handles, one after another (launch_config)
+):
+    """_bwd_row for ROWS_PER_PROGRAM consecutive rows (the parameters are commented there)."""
+    first = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
+    for i in tl.static_range(ROWS_PER_PROGRAM):
+        if first + i < B:
+            _bwd_row(
+                first + i,
+                z_ptr,
+                stride_zb,
+                stride_zk,
+                stride_zc,
+                y_ptr,
+                stride_y,
+                t_ptr,
+                stride_tb,
+                stride_tk,
+                stride_tc,
+                w_ptr,
+                stride_wb,
+                stride_wt,
+                stride_wk,
+                kdw_ptr,
+                stats_ptr,
+                summary_ptr,
+                gout_ptr,
+                stride_gout,
+                gz_ptr,
+                gt_ptr,
+                gw_ptr,
+                K,
+                KT,
+                C,
+                ignore_index,
+                temperature,
+                label_smoothing,
+                ce_weight,
+                kd_weight,
+                teacher_ce_weight,
+                attention_temperature,
+                cd_weight,
+                BLOCK_K,
+                BLOCK_C,
+                TB,
+                TEACHER_MODE,
+                PEER,
+                DETACH_MASK,
+                HAS_KD,
+                HAS_KDW,
+                TCE_MASK,
+                TEACHER_GRAD,
+                MEAN,
+                WRITE_GZ,
+                WRITE_GT,
+                WRITE_GW,
+                HAS_CD,
+                CD_GRAD,
+                ATTN_SHARED,
+                STATS,
+                NUM_TERMS,
+                ACC,
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # host launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -739,7 +984,7 @@ class _Layout:
 
     def constexprs(self, options, kd_weight: torch.Tensor | None, acc: torch.dtype, config: tuple) -> dict:
         """The specialisations both row kernels share (``config``: launch_config's result)."""
-        block_k, tb, block_c, num_warps = config
+        block_k, tb, block_c, num_warps, rows_per_program = config
         cd = self.head is not None
         return {
             "BLOCK_K": block_k,
@@ -754,6 +999,7 @@ class _Layout:
             "STATS": stat_slots(block_k, cd),
             "NUM_TERMS": 4 if cd else 3,
             "ACC": tl.float64 if acc == torch.float64 else tl.float32,
+            "ROWS_PER_PROGRAM": rows_per_program,
             "num_warps": num_warps,
         }
 
@@ -769,6 +1015,7 @@ def online_kd_forward(
     block_c: int | None = None,
     num_warps: int | None = None,
     head=None,
+    rows_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two launches: ``(loss, summary (4,), stats (B, 7, BLOCK_K))``.
 
@@ -785,18 +1032,19 @@ def online_kd_forward(
     acc = _acc(logits, teacher, teacher_weights)
     layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
     weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
-    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps)
+    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps, rows_per_program)
     shared = layout.constexprs(options, kd_weight, acc, config)
     loss_rows = torch.empty(batch, dtype=acc, device=device)
     terms = torch.empty(batch, shared["NUM_TERMS"], dtype=acc, device=device)
     stats = torch.empty(batch, shared["STATS"], config[0], dtype=acc, device=device)
     if batch > 0:
-        _runnable(_online_kd_fwd_kernel, device)[(batch,)](
+        _runnable(_online_kd_fwd_kernel, device)[(triton.cdiv(batch, config.rows_per_program),)](
             *layout.inputs(logits, target, kd_weight),
             loss_rows,
             terms,
             stats,
             *layout.scalars(logits, options),
+            B=batch,
             **shared,
         )
     loss = torch.empty((), dtype=acc, device=device)
@@ -833,6 +1081,7 @@ def online_kd_backward(
     block_c: int | None = None,
     num_warps: int | None = None,
     head=None,
+    rows_per_program: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One launch: ``(d logits, d teacher, d teacher_weights)`` times ``grad_loss``, each None unless ``needs``
     asks for it (logits, teacher, weights). The logits' and teacher's gradients are contiguous, in their dtypes; the
@@ -843,7 +1092,7 @@ def online_kd_backward(
     acc = _acc(logits, teacher, teacher_weights)
     layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
     weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
-    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps)
+    config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps, rows_per_program)
     tb = config[1]
     shared = layout.constexprs(options, kd_weight, acc, config)
     if stats.shape[-2:] != (shared["STATS"], config[0]):
@@ -866,7 +1115,7 @@ def online_kd_backward(
         gw = None
     if batch > 0 and (need_z or need_t or need_w):
         placeholder = stats  # a pointer for the outputs not written
-        _runnable(_online_kd_bwd_kernel, device)[(batch,)](
+        _runnable(_online_kd_bwd_kernel, device)[(triton.cdiv(batch, config.rows_per_program),)](
             *layout.inputs(logits, target, kd_weight),
             stats,
             summary,
@@ -884,6 +1133,7 @@ def online_kd_backward(
             WRITE_GW=need_w,
             CD_GRAD=head is not None and head.cd_weight != 0.0,
             ATTN_SHARED=layout.attention_rows == 1,
+            B=batch,
             **shared,
         )
     if gw is not None and head is not None:

@@ -173,10 +173,12 @@ def test_bench_loss_time_budget_counts_first_compiles():
 
 def test_sweep_starts_at_the_heuristics_choice_and_covers_the_grid():
     case = bench_loss.SWEEPS["headline"][0]
-    order = bench_loss.sweep_order((128, 4), case)
-    assert order[0] == (128, 4) and len(order) == len(set(order))
-    assert set(order) == {(c, w) for c in case.block_c for w in case.num_warps} | {(128, 4)}
-    distances = [abs(c.bit_length() - 8) + abs(w.bit_length() - 3) for c, w in order]
+    assert len(case.rows_per_program) > 1  # the small headline shape sweeps rows per program too
+    order = bench_loss.sweep_order((128, 4, 1), case)
+    assert order[0] == (128, 4, 1) and len(order) == len(set(order))
+    grid = {(c, w, r) for c in case.block_c for w in case.num_warps for r in case.rows_per_program}
+    assert set(order) == grid | {(128, 4, 1)}
+    distances = [abs(c.bit_length() - 8) + abs(w.bit_length() - 3) + r.bit_length() - 1 for c, w, r in order]
     assert distances == sorted(distances)  # nearest neighbours first: a cut sweep still brackets the default
 
 
@@ -191,9 +193,10 @@ def test_sweep_rows_validate_every_config_in_the_interpreter(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = _rows(tmp_path / "loss.csv")
-    configs = list(dict.fromkeys((r["block_c"], r["num_warps"]) for r in rows))
+    configs = list(dict.fromkeys((r["block_c"], r["num_warps"], r["rows_per_program"]) for r in rows))
     (case,) = bench_loss.TINY_SWEEP
-    assert len(configs) == len({(c, w) for c in case.block_c for w in case.num_warps} | {configs[0]})
+    grid = {(str(c), str(w), str(r)) for c in case.block_c for w in case.num_warps for r in case.rows_per_program}
+    assert len(configs) == len(grid | {configs[0]}) and {r for _, _, r in configs} == {"1", "3"}
     assert rows[0]["default_config"] == "True" and all(r["default_config"] == "False" for r in rows[3:])
     assert {r["phase"] for r in rows} == {"fwd+bwd", "fwd", "bwd"} and all(r["impl"] == "fused-sweep" for r in rows)
     assert all(float(r["max_rel_error"]) <= 2e-2 and r["median_ms"] for r in rows)

@@ -217,6 +217,34 @@ def test_one_pass_head_is_three_launches(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("rows_per_program", [2, 3, 8])
+def test_rows_per_program_changes_no_bit(rows_per_program, monkeypatch):
+    """A program handling several rows one after another (the launch parameter bench_loss --sweep times) computes
+    every row as one program per row does, bit for bit: 7 rows (not a multiple of 2 or 3, fewer than 8), one
+    ignored, per-auxiliary attention, the CD on."""
+    if not IN_INTERPRETER:
+        pytest.skip("the kernel's launch configuration")
+    from okdfast.kernels import online_kd as kernels
+
+    torch.manual_seed(11)
+    logits, energy = torch.randn(7, 4, 21), torch.randn(7, 3, 3)
+    target = torch.randint(0, 21, (7,))
+    target[4] = -100
+    options = MDEHeadOptions(cd_weight=1.0, target_ce_weight=0.5)
+    real = kernels.launch_config
+
+    def run(rows):
+        monkeypatch.setattr(kernels, "launch_config", lambda *a, **k: real(*a[:6], rows_per_program=rows))
+        z, e = logits.clone().requires_grad_(), energy.clone().requires_grad_()
+        loss, terms = mde_head(z, target, e, options, kernel=True)
+        loss.backward()
+        return [loss, torch.stack(list(terms)), z.grad, e.grad]
+
+    for x, y in zip(run(1), run(rows_per_program)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.triton
 def test_opcheck_of_the_head_ops():
     if not IN_INTERPRETER:
         pytest.skip("the ops' CPU kernels are the interpreted Triton kernels")

@@ -64,6 +64,27 @@ def record_online_kd(form: str, dtype: str, shape: tuple[int, int, int]) -> list
     return launches
 
 
+def record_mde_head(dtype: str, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """The launches of one call of MDE's one-pass head (attention, targets, CE/KL and the CD) at ``shape``."""
+    from okdfast.ops.mde_head import mde_head
+
+    logits, target, attention, kd_weight = bench_loss.mde_head_inputs(shape, bench_loss.DTYPES[dtype], "shared",
+                                                                      torch.device("cpu"))  # fmt: skip
+    kernels_run_here = mock.patch.object(dispatch, "use_triton", lambda tensor, float64=False: True)
+    with LaunchRecorder(kd_kernels) as launches, kernels_run_here:
+        loss, _ = mde_head(logits, target, attention, bench_loss.MDE_HEAD_OPTIONS, kd_weight, kernel=True)
+        loss.backward()
+    return launches
+
+
+def forced_rows_per_program(rows: int | None):
+    """A patch of the launch heuristics that sets every row kernel's rows per program (None: the heuristics')."""
+    real = kd_kernels.launch_config
+    if rows is None:
+        return mock.patch.object(kd_kernels, "launch_config", real)
+    return mock.patch.object(kd_kernels, "launch_config", lambda *a, **k: real(*a[:6], rows_per_program=rows))
+
+
 def record_augment(dtype: str, channels_last: bool, augment: bool, batch: int = 128) -> list[dict[str, Any]]:
     from okdfast.data.transforms import normalize_lut, sample_crop_flip
 
@@ -93,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     parser.add_argument("--quick", action="store_true", help="the headline shapes in bf16 only")
     parser.add_argument("--csv", type=Path, default=None, help="also write one row per compiled launch here")
+    parser.add_argument(
+        "--rows-per-program", type=int, default=None, help="every row kernel at this many rows per program"
+    )
     args = parser.parse_args(argv)
     if not PTXAS.exists():
         print(f"no ptxas at {PTXAS}; nothing to check")
@@ -103,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     handle = args.csv.open("w", newline="") if args.csv else None
     print(f"sm_{args.arch}: kernel, case, blocks, warps, registers, spill bytes, specialisation")
     cases = [("online_kd", case) for case in (QUICK_CASES if args.quick else default_cases())]
+    cases += [("mde_head", ("mde_head", "bf16", shape)) for shape in bench_loss.HEADLINE_SHAPES]
     cases += [("augment", (d, cl, aug)) for d in ("fp32", "bf16") for cl in (True, False) for aug in (True, False)]
     failures = 0
     for family, case in cases:
-        launches = record_online_kd(*case) if family == "online_kd" else record_augment(*case)
+        with forced_rows_per_program(args.rows_per_program):
+            if family == "online_kd":
+                launches = record_online_kd(*case)
+            elif family == "mde_head":
+                launches = record_mde_head(*case[1:])
+            else:
+                launches = record_augment(*case)
         for launch in launches:
             report = compile_launch(launch, args.arch)
             key = (
@@ -116,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             seen.add(key)
             blocks = "x".join(str(launch["kwargs"][k]) for k in ("BLOCK_K", "TB", "BLOCK_C") if k in launch["kwargs"])
+            if launch["kwargs"].get("ROWS_PER_PROGRAM", 1) != 1:
+                blocks += f"/r{launch['kwargs']['ROWS_PER_PROGRAM']}"
             label = (
                 "-".join(map(str, case[:2])) + "-" + "x".join(map(str, case[2]))
-                if family == "online_kd"
+                if family in ("online_kd", "mde_head")
                 else (f"{case[0]}-{'cl' if case[1] else 'nchw'}-{'train' if case[2] else 'eval'}")
             )
             row = {"arch": args.arch, "family": family, "case": label, "blocks": blocks} | report

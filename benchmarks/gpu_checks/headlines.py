@@ -95,6 +95,12 @@ def loss_lines(folder: Path) -> list[str]:
     return lines + sweep_lines(folder)
 
 
+def _config(row: dict[str, str]) -> str:
+    """A sweep row's launch configuration (rows written before rows_per_program was swept have one row each)."""
+    rows = row.get("rows_per_program") or "1"
+    return f"block_c={row['block_c']} num_warps={row['num_warps']} rows_per_program={rows}"
+
+
 def sweep_lines(folder: Path) -> list[str]:
     rows = [r for r in _rows(folder / "loss.csv") if r.get("impl") == "fused-sweep" and r.get("median_ms")]
     lines = []
@@ -103,12 +109,12 @@ def sweep_lines(folder: Path) -> list[str]:
         best = min(sel, key=lambda r: float(r["median_ms"]))
         default = next((r for r in sel if r.get("default_config") == "True"), None)
         line = (
-            f"sweep {key[0]} {key[1]} {key[2]} ({key[3]}), {len(sel)} configs: best block_c={best['block_c']} "
-            f"num_warps={best['num_warps']} {float(best['median_ms']):.4f} ms"
+            f"sweep {key[0]} {key[1]} {key[2]} ({key[3]}), {len(sel)} configs: best {_config(best)} "
+            f"{float(best['median_ms']):.4f} ms"
         )
         if default is not None:
             line += (
-                f" vs default block_c={default['block_c']} num_warps={default['num_warps']} "
+                f" vs default {_config(default)} "
                 f"{float(default['median_ms']):.4f} ms (x{float(default['median_ms']) / float(best['median_ms']):.2f})"
             )
         lines.append(line)
