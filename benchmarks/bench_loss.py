@@ -439,14 +439,21 @@ def make_impl(impl: str, call: Call, backend: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def parse_shape(text: str) -> Shape:
+    """'128x4x100' -> (128, 4, 100)."""
+    return tuple(int(n) for n in text.lower().split("x"))
+
+
 def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[Combo, str]]:
     """(combination, dtype) in the order they are measured (the headline ones first)."""
-    if args.preset:  # one or more presets, each in its own dtypes, in the order given
+    if args.preset:  # one or more presets, each in its own dtypes, in the order given; --shapes keeps those shapes
+        keep = {parse_shape(shape) for shape in args.shapes} if args.shapes else None
         return [
             (combo._replace(shape=tiny(combo.shape)) if args.tiny else combo, dtype)
             for name in args.preset
             for dtype in (args.dtype or PRESETS[name].dtypes)
             for combo in PRESETS[name].combos
+            if keep is None or combo.shape in keep
         ]
     else:
         if args.quick and not args.shapes and not args.forms:
@@ -454,7 +461,7 @@ def plan(args: argparse.Namespace, on_gpu: bool) -> list[tuple[Combo, str]]:
         else:
             shapes = QUICK_SHAPES if args.quick else (SHAPES if on_gpu else CPU_SHAPES)
             if args.shapes:
-                shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
+                shapes = [parse_shape(shape) for shape in args.shapes]
             forms = args.forms or (list(FORMS) if args.quick else DEFAULT_FORMS)
             combos = [Combo("online_kd", f, s) for s in shapes for f in forms]
         dtypes = args.dtype or (["bf16", "fp32"] if on_gpu else ["fp32"])
@@ -843,7 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed plans, measured in the order given (the GPU visits)")  # fmt: skip
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="the kernels' launch-config sweep")
     parser.add_argument("--tiny", action="store_true", help="the plan with tiny shapes, eager compile (rehearsal)")
-    parser.add_argument("--shapes", nargs="+", default=None, help="BxKxC shapes, e.g. 128x4x100 4096x4x32768")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="BxKxC shapes, e.g. 128x4x100 4096x4x32768 (with --preset: only its combinations at these)",
+    )
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=None, help="default: mean explicit one mde")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--impls", nargs="+", choices=GPU_IMPLS + ["op", "composed"], default=None)

@@ -161,6 +161,9 @@ def test_bench_loss_plans_are_data_headline_first_and_quick_runs_every_form():
             assert combo.subject in bench_loss.SUBJECTS and combo.form in bench_loss.SUBJECTS[combo.subject].forms
     tiny = bench_loss.plan(bench_loss.build_parser().parse_args(["--preset", "headline", "--tiny"]), on_gpu=False)
     assert all(combo.shape[0] <= 8 and combo.shape[2] <= 40 for combo, _ in tiny)
+    argv = ["--preset", "mde-head", "mde-head-fp32", "--shapes", "128x4x10", "1024x4x100"]  # the CPU's rows
+    kept = bench_loss.plan(bench_loss.build_parser().parse_args(argv), on_gpu=False)
+    assert {(c.shape, d) for c, d in kept} == {(s, d) for s in ((128, 4, 10), (1024, 4, 100)) for d in ("bf16", "fp32")}
 
 
 def test_bench_loss_time_budget_counts_first_compiles():
