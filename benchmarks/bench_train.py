@@ -75,8 +75,6 @@ def features_for(device: torch.device) -> list[str]:
     if device.type != "cuda":  # the fused kernels and CUDA graphs need a GPU (the op's CPU path is the reference)
         names.remove("cuda_graphs")
         names.remove("fused")
-    if not hasattr(MethodConfig(), "branch_impl"):
-        names.remove("grouped")
     return names
 
 
@@ -137,8 +135,7 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
     if features.amp:
         amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     config = MethodConfig(num_branches=args.branches, fused_loss="on" if features.fused else "off")
-    if hasattr(config, "branch_impl"):
-        config = dataclasses.replace(config, branch_impl="grouped" if features.grouped else "loop")
+    config = dataclasses.replace(config, branch_impl="grouped" if features.grouped else "loop")
     torch.manual_seed(0)
     method = create_method("mde", args.arch, splits.num_classes, config).to(device)
     if features.channels_last:

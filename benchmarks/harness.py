@@ -47,8 +47,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent / "results"  # what the README quotes; --commit-results
 DEFAULT_RESULTS_DIR = REPO_ROOT / "runs" / "bench"  # untracked (runs/ is in .gitignore): where a plain run writes
-# the folder of "commit-worthy" rows: $OKDFAST_RESULTS_DIR, else benchmarks/results (bench_branches.py --save)
-RESULTS_DIR = Path(os.environ.get("OKDFAST_RESULTS_DIR") or COMMITTED_RESULTS_DIR)
 COMMON_COLUMNS = [
     "date",
     "run_id",
@@ -126,14 +124,6 @@ def append_row(name: str, row: dict[str, Any], folder: Path | str | None = None)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
-    return path
-
-
-def append_rows(name: str, rows: list[dict[str, Any]], folder: Path | str | None = None) -> Path:
-    """:func:`append_row` for each row (kept for callers that measure a batch of rows at once)."""
-    path = results_dir(folder) / f"{name}.csv"
-    for row in rows:
-        path = append_row(name, row, folder)
     return path
 
 
@@ -348,10 +338,6 @@ def run_cli(main: Callable[[], Any]) -> int:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def describe_machine() -> str:
-    return f"{platform.node()} {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 class TimeBudget:

@@ -73,8 +73,7 @@ def reference_method(arch: str, num_classes: int, num_branches: int, cd_form: st
     default unless given."""
     config = MethodConfig(num_branches=num_branches, fused_loss="off")
     config = dataclasses.replace(config, cd_form=cd_form or config.cd_form)
-    if hasattr(config, "branch_impl"):
-        config = dataclasses.replace(config, branch_impl="loop")
+    config = dataclasses.replace(config, branch_impl="loop")
     method = create_method("mde", arch, num_classes, config)
     if method.config.cd_form not in WRITTEN_OUT_CD_FORMS:
         raise ValueError(f"the reference trainer writes out the CD forms {', '.join(WRITTEN_OUT_CD_FORMS)} only")

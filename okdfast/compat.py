@@ -26,15 +26,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 
 def version_tuple(version: str) -> tuple[int, ...]:
     """'2.11.0+cu130' -> (2, 11, 0); pre-release and local tags are dropped."""
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
-
-
-TORCH_VERSION = version_tuple(torch.__version__)
 
 
 def triton_version() -> tuple[int, ...] | None:

@@ -36,6 +36,7 @@ from okdfast.data.cifar import read_npz
 from okdfast.data.locate import NETWORK_TIMEOUT_S, check_host_reachable, dedupe, not_found
 from okdfast.data.registry import DatasetSplits, register_dataset
 from okdfast.data.stats import dataset_stats
+from okdfast.utils.atomic_files import atomic_output
 
 CINIC10_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
 CACHE_NAME = "okdfast-cinic10-cache.npz"
@@ -132,29 +133,22 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
 
 def _write_cache(paths: list[Path], arrays: dict[str, np.ndarray], fingerprint: str) -> Path | None:
     for path in paths:
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a reader never sees a half-written cache
                 np.savez(f, fingerprint=np.array(fingerprint), **arrays)
-            os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
             return path
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        except OSError:  # this place is not writable: the next one
+            pass
     warnings.warn(f"could not write the CINIC-10 cache to any of {[str(p) for p in paths]}", stacklevel=3)
     return None
-
-
-def read_cinic_folder(root: str | Path, *, use_cache: bool = True) -> tuple[dict[str, ArrayDataset], str]:
-    """({split: ArrayDataset} for train, test and valid if present, where they came from)."""
-    splits, source, _ = read_cinic_folder_with_files(root, use_cache=use_cache)
-    return splits, source
 
 
 def read_cinic_folder_with_files(
     root: str | Path, *, use_cache: bool = True
 ) -> tuple[dict[str, ArrayDataset], str, dict[str, list[Path]]]:
-    """:func:`read_cinic_folder` plus ``{split: [image file of each row]}`` (the rows are decoded in this order)."""
+    """({split: ArrayDataset} for train, test and valid if present, where they came from, {split: [image file of
+    each row]}) (the rows are decoded in this order)."""
     root = Path(root)
     classes, files, fingerprint = list_image_folder(root)
     paths = {split: [p for p, _ in entries] for split, entries in files.items()}
@@ -193,12 +187,14 @@ def download_cinic10(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "CINIC-10.tar.gz"
     if not archive.is_file():
-        part = root / "CINIC-10.tar.gz.part"
         request = urllib.request.Request(CINIC10_URL, headers={"User-Agent": "okdfast"})
         # The timeout bounds every connect and read: a stalled transfer fails instead of hanging.
-        with urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT_S) as response, open(part, "wb") as f:
+        with (
+            atomic_output(archive) as part,
+            urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT_S) as response,
+            open(part, "wb") as f,
+        ):
             shutil.copyfileobj(response, f, length=1 << 20)
-        os.replace(part, archive)
     # Extract beside the destination, then move the folder that holds the splits into place: a half-extracted
     # archive is never mistaken for the data set, and a wrapping top-level folder disappears.
     staging = root / "cinic10.extracting"

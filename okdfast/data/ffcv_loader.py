@@ -45,6 +45,7 @@ from okdfast.data.gpu_loader import Augmenter
 from okdfast.data.loader import EpochPlan
 from okdfast.data.locate import search_roots
 from okdfast.data.transforms import PADDING
+from okdfast.utils.atomic_files import atomic_output
 
 INSTALL_HINT = (
     "needs FFCV: apt-get install -y libopencv-dev libturbojpeg0-dev pkg-config, "
@@ -116,14 +117,9 @@ def ensure_beton(dataset: ArrayDataset, name: str, split: str, cache_dir: str | 
     if path.is_file():
         return path
     print(f"okdfast: writing {path} ({len(dataset)} images, once)", flush=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-    try:
-        with _WRITER_LOCK, mock.patch.object(ffcv.writer, "Process", threading.Thread):
-            ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=1).from_indexed_dataset(dataset, chunksize=1000)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, _WRITER_LOCK, mock.patch.object(ffcv.writer, "Process", threading.Thread):
+        ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=1).from_indexed_dataset(dataset, chunksize=1000)
     for stale in cache_dir.glob(f"okdfast-ffcv-{name}-{split}-*.beton"):
         if stale.name != path.name:  # another content of the same data set and split
             stale.unlink(missing_ok=True)

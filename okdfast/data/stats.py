@@ -26,9 +26,6 @@ STATS: dict[str, DatasetStats] = {
     "cinic10": DatasetStats(10, (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835)),
 }
 
-# CIFAR-10 and CINIC-10 share the classes and their order (CINIC's class folders sorted by name).
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
 
 def dataset_stats(name: str) -> DatasetStats:
     """The published constants of ``name`` (``cifar10``, ``cifar100``, ``cinic10``)."""

@@ -70,9 +70,7 @@ def _fwd(logits, target, attention_logits, kd_weight, *options):
 
     head = MDEHeadOptions.from_args(options)
     kd_options = _kd_options(logits, attention_logits, head)
-    return online_kd_forward(
-        logits, target, None, attention_logits, kd_weight, kd_options, logits.shape[1], head=head
-    )
+    return online_kd_forward(logits, target, None, attention_logits, kd_weight, kd_options, logits.shape[1], head=head)
 
 
 @torch.library.register_fake("okdfast::mde_head_fwd")

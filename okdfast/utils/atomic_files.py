@@ -1,6 +1,7 @@
 """The two ways okdfast writes a file, so that a kill -9 or a full disk never leaves a half-written one in use.
 
-- :func:`atomic_write_bytes` (``config.yaml``, ``metrics.csv``, ``summary.json``, checkpoints): the bytes go to a
+- :func:`atomic_write_bytes` (``config.yaml``, ``metrics.csv``, ``summary.json``, checkpoints) and
+  :func:`atomic_output` (writers that take a file name: the CINIC-10 and FFCV caches): the bytes go to a
   temporary file in the same folder (``.NAME.<random>.tmp``), are flushed and fsynced, and the temporary file is
   renamed over ``NAME`` (``os.replace`` is atomic), then the folder is fsynced. A reader sees the old file or the
   new one, never a mixture. A failed write removes its temporary file; a killed one leaves it behind, and
@@ -15,13 +16,14 @@ Failures raise :class:`RunFolderWriteError` naming the file, the reason (``No sp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -76,15 +78,21 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace ``path`` by ``data`` atomically (same-folder temporary file, fsync, rename, fsync of the folder)."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """The one way okdfast replaces a file: yields a same-folder temporary path (``.NAME.<random>.tmp``) for a
+    writer to fill (bytes, ``np.savez``, FFCV's DatasetWriter); on a clean exit it is fsynced and renamed over
+    ``path``, then the folder is fsynced; on any failure it is removed and ``path`` is untouched."""
     path = Path(path)
     tmp_name = None
     try:  # mkstemp too: a read-only folder or one out of inodes fails there
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            _write_all(handle, data, path)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        finally:
+            os.close(fd)
+        yield Path(tmp_name)
+        _fsync_file(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException as error:
         if tmp_name is not None and os.path.exists(tmp_name):
@@ -93,6 +101,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise write_error(path, error, f"The previous {path.name}, if any, is untouched.") from error
         raise
     _fsync_folder(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` atomically (:func:`atomic_output`)."""
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        _write_all(handle, data, path)
     return path
 
 
