@@ -177,6 +177,10 @@ def test_results_md_and_paired_csv_from_real_runs(tmp_path, capsys):
     assert float(records[0]["err_a"]) == pytest.approx(err_one, abs=1e-3)
     assert records[0]["seeds"] == "0 1" and records[0]["images"] == "25" and records[0]["p_mcnemar"]
     assert float(records[0]["ci_low"]) <= float(records[0]["diff"]) <= float(records[0]["ci_high"])
+    diagnostics = (out / "results.md").read_text().split("## Mechanism diagnostics")[1]  # what each mechanism acts on
+    one_row = next(line for line in diagnostics.splitlines() if line.startswith("| ONE |"))
+    disagreement = statistics.fmean(summaries[s]["last"]["disagreement"] for s in (0, 1))
+    assert one_row.split(" | ")[2] == "2" and one_row.split(" | ")[3].startswith(f"{disagreement:.4f} ± ")
     first_csv = (out / "paired.csv").read_text()
     readme = tmp_path / "README.md"
     readme.write_text(f"{README_START}\n{README_END}\n")

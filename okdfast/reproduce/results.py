@@ -30,6 +30,7 @@ import yaml
 
 import okdfast.reproduce.paired as paired
 from okdfast.recipe import pooling_differences, pooling_key
+from okdfast.reproduce.diagnostics import diagnostics_lines
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
 from okdfast.utils.atomic_files import atomic_write_text
@@ -385,6 +386,7 @@ def results_markdown(
     if table.paired is not None:
         comparisons = paired_comparisons(table, results) if comparisons is None else comparisons
         lines += paired.markdown_lines(comparisons, catalog.label)
+    lines += diagnostics_lines(results, catalog.label)
     for plot in plots or []:
         lines += [f"![{plot.stem}]({Path(os.path.relpath(plot, base)).as_posix()})", ""]
     return "\n".join(lines)
