@@ -10,7 +10,6 @@ that :func:`load_dataset` passes through (e.g. ``include_valid`` for ``cinic10``
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import pickle
 import zipfile
@@ -24,6 +23,7 @@ from okdfast.data.locate import DatasetNotFoundError, dedupe, download_root, sea
 from okdfast.data.provenance import DataProvenance
 from okdfast.data.stats import RGB
 from okdfast.errors import ConfigError, DataError
+from okdfast.utils.registry import Registry
 
 
 @dataclass
@@ -65,24 +65,17 @@ class DatasetSplits:
 
 DatasetBuilder = Callable[..., DatasetSplits]
 
-DATASETS: dict[str, DatasetBuilder] = {}
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     """Decorator: register ``fn(roots, *, download, seed, **options) -> DatasetSplits`` under ``name``."""
-
-    def decorator(fn: DatasetBuilder) -> DatasetBuilder:
-        if name in DATASETS:
-            raise ValueError(f"dataset name {name!r} is already registered (by {DATASETS[name].__module__})")
-        DATASETS[name] = fn
-        return fn
-
-    return decorator
+    return DATASETS.decorator(name)
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
     """Sorted registered names matching the fnmatch ``pattern`` (e.g. ``"cifar*"``)."""
-    return sorted(fnmatch.filter(DATASETS, pattern))
+    return DATASETS.names(pattern)
 
 
 def _canonical(name: str) -> str:
@@ -115,7 +108,7 @@ def load_dataset(
     key = _canonical(name)
     builders = {_canonical(k): k for k in DATASETS}
     if key not in builders:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+        DATASETS.get(name)  # raises: the message names the known data sets
     roots: list[Path] = search_roots(data_dir)
 
     def build(where: list[Path], fetch: bool) -> DatasetSplits:

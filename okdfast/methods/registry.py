@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatch
-
 from okdfast.methods.base import Method, MethodConfig
+from okdfast.utils.registry import Registry
 
-_METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method under its ``name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name`")
-    if cls.name in _METHODS:
-        raise ValueError(f"method {cls.name!r} is registered twice")
-    _METHODS[cls.name] = cls
-    return cls
+    return METHODS.add(cls.name, cls)
 
 
 def list_methods(pattern: str = "*") -> list[str]:
-    return sorted(name for name in _METHODS if fnmatch(name, pattern))
+    return METHODS.names(pattern)
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(list_methods())}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def create_method(name: str, arch: str, num_classes: int, config: MethodConfig | None = None) -> Method:
