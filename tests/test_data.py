@@ -23,8 +23,8 @@ from okdfast.data import (
     load_dataset,
 )
 from okdfast.data import cinic as cinic_module
-from okdfast.data.loader import EpochPlan
 from okdfast.data.locate import ENV_VAR, check_host_reachable, search_roots
+from okdfast.data.plan import EpochPlan
 from okdfast.data.synthetic import make_synthetic
 from okdfast.data.transforms import (
     crop_flip,

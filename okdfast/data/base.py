@@ -8,7 +8,7 @@ Every loader of ``okdfast.data.factory`` (gpu, dali, ffcv, torch) is an iterable
 
 and offers ``set_epoch(e)`` (the shuffle and augmentation of epoch ``e``), ``len()`` (batches per epoch),
 ``num_samples`` (images per epoch on this rank, before ``drop_last``), ``batch_size`` and ``plan`` (the
-:class:`~okdfast.data.loader.EpochPlan`: which images, in which order, with which crop and flip).
+:class:`~okdfast.data.plan.EpochPlan`: which images, in which order, with which crop and flip).
 
 The gpu, dali and torch loaders apply the same plan, so they yield the same batches (bit for bit for gpu and
 torch, to float rounding for DALI's normalisation); ffcv applies it too (its traversal order and augmentation are
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from okdfast.data.loader import EpochPlan, FollowsPlan
+from okdfast.data.plan import EpochPlan, FollowsPlan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ The host side only gathers the plan's images (one numpy fancy index per batch) a
 flipping, normalising and the layout change run in DALI's worker threads on the CPU (``device_id=None``: no GPU
 needed) or as GPU kernels on CUDA, overlapped with training by DALI's prefetch queue.
 
-The randomness is the plan's (:class:`~okdfast.data.loader.EpochPlan`), not DALI's random operators, so this loader
+The randomness is the plan's (:class:`~okdfast.data.plan.EpochPlan`), not DALI's random operators, so this loader
 yields the torch loader's batches (equal up to float rounding: DALI computes ``(v - 255 m) / (255 s)``, the
 reference ``(v / 255 - m) / s``; the tests bound the difference by fp32 rounding), is deterministic under a seed,
 resumes mid-epoch and shards like ``DistributedSampler``.
@@ -34,7 +34,7 @@ import torch
 
 from okdfast.data.arrays import ArrayDataset
 from okdfast.data.base import Delivery, PlannedLoader
-from okdfast.data.loader import EpochPlan
+from okdfast.data.plan import EpochPlan
 from okdfast.data.transforms import PADDING
 
 INSTALL_HINT = "needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or pip install 'okdfast[dali]')"

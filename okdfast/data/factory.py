@@ -8,7 +8,7 @@
             ...
 
 Every loader yields the same thing (``okdfast.data.base``) and follows the same
-:class:`~okdfast.data.loader.EpochPlan`: a fresh permutation per epoch, a pure function of ``(seed, epoch)``;
+:class:`~okdfast.data.plan.EpochPlan`: a fresh permutation per epoch, a pure function of ``(seed, epoch)``;
 the exact epoch length (``drop_last`` as asked for training, never for evaluation); ``DistributedSampler``'s
 sharding under torchrun.
 
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from okdfast.data.base import Delivery, PlannedLoader
-from okdfast.data.loader import EpochLoader, build_plans
+from okdfast.data.loader import EpochLoader
+from okdfast.data.plan import build_plans
 from okdfast.data.registry import DatasetSplits
 
 LOADERS = ("auto", "gpu", "dali", "ffcv", "torch")
@@ -116,7 +117,7 @@ def build_data_loaders(
     ``.beton`` files go (cache_dir wins; default next to the data). dali_files: decode the image files with DALI
     (default: when ``splits.files`` lists them, i.e. CINIC-10 read from its folders). ffcv_native_augment: FFCV's
     own unseeded flip/translate (not reproducible). verbose: print the choice of ``auto`` and cache writes.
-    min_last_batch: a last training batch smaller than this is dropped (:func:`~okdfast.data.loader.build_plans`).
+    min_last_batch: a last training batch smaller than this is dropped (:func:`~okdfast.data.plan.build_plans`).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

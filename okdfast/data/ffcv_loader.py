@@ -11,7 +11,7 @@ writable folder of ``--data-dir`` / ``$OKDFAST_DATA`` / ``./data``, else ``~/.ca
 CIFAR-100's 50k + 10k images took 9 s on 2 busy cores (CINIC-10's 180k + 90k: 16 s); FFCV compiles its pipeline with
 numba on the first epoch (about a second per loader).
 
-Order and augmentation follow the :class:`~okdfast.data.loader.EpochPlan`, so this loader yields the torch loader's
+Order and augmentation follow the :class:`~okdfast.data.plan.EpochPlan`, so this loader yields the torch loader's
 batches: a custom ``TraversalOrder`` hands FFCV the plan's order (its own RANDOM order would be another
 permutation, and its distributed mode another sharding), and ``PlannedAugment`` -- an FFCV operation that receives
 the batch's sample ids -- looks up each sample's crop corner and flip in the epoch's table and runs the shared
@@ -42,8 +42,8 @@ import torch
 from okdfast.data.arrays import ArrayDataset
 from okdfast.data.base import Delivery, PlannedLoader
 from okdfast.data.gpu_loader import Augmenter
-from okdfast.data.loader import EpochPlan
 from okdfast.data.locate import search_roots
+from okdfast.data.plan import EpochPlan
 from okdfast.data.transforms import PADDING
 from okdfast.utils.atomic_files import atomic_output
 

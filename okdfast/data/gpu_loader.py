@@ -27,7 +27,7 @@ import torch
 
 from okdfast.data.arrays import ArrayDataset
 from okdfast.data.base import Delivery, PlannedLoader
-from okdfast.data.loader import EpochPlan
+from okdfast.data.plan import EpochPlan
 from okdfast.data.registry import DatasetSplits
 from okdfast.data.transforms import PADDING, crop_flip_normalize, normalize_lut
 from okdfast.ops.dispatch import triton_runs_on

@@ -24,6 +24,5 @@ class TorchLoader(PlannedLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._begin_epoch()
-        self.loader._last_epoch = None  # the repeat warning is ours
-        for x, y in self.loader:
+        for x, y in self.loader.batches():  # the repeat check is ours
             yield self.delivery.images(x), self.delivery.labels(y)
