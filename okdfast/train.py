@@ -30,7 +30,7 @@ from okdfast.config import TrainConfig, parse_config
 from okdfast.data import build_data_loaders, load_dataset
 from okdfast.data.locate import download_by_default
 from okdfast.epoch import epoch_row, format_row, merge_sums, train_one_epoch
-from okdfast.errors import EXIT_USER_ERROR, UserError
+from okdfast.errors import EXIT_USER_ERROR, UserError, write_failure_record
 from okdfast.evaluation import evaluate
 from okdfast.methods import list_methods, sigmoid_rampup
 from okdfast.models import list_models
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         run(config, explicit=args.explicit)
     except UserError as error:
         print(f"okdfast.train: error: {error}", file=sys.stderr, flush=True)
+        write_failure_record(error)
         raise SystemExit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         print(

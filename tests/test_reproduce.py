@@ -92,7 +92,9 @@ def smoke_config(out: Path, **overrides) -> TrainConfig:
 
 
 def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    """The results table of results.md (its first table; the diagnostics section has its own)."""
+    text = path.read_text().split("## Mechanism diagnostics")[0]
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
     split = lambda line: [cell.strip() for cell in line.strip("|").split(" | ")]
     return split(lines[0]), [split(line) for line in lines[1:]]
 
@@ -186,6 +188,37 @@ def test_time_budget_stops_the_running_run_and_starts_no_other(tmp_path):
     assert time.monotonic() - start < 20
     assert [o.result for o in outcomes] == ["stopped (resumable)", "not started (time budget)"]
     assert (runs[0].run_dir / "checkpoint").read_text() == "saved"
+
+
+def test_a_missing_data_set_stops_the_runner_after_the_first_run(tmp_path):
+    """The first run's okdfast.train exits with DatasetNotFoundError: its failure record (not the log's text) tells
+    the runner, which starts no other run; a run that fails otherwise does not stop it."""
+    catalog = load_catalog()
+    runs = build_plan(catalog, catalog.table("cifar10-small"), catalog.schedule("small"), seeds=[0], out=tmp_path,
+                      methods=["baseline", "one"])  # fmt: skip
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def missing_data(run):
+        return [sys.executable, "-m", "okdfast.train", "--dataset", "cifar10", "--data-dir", str(empty),
+                "--no-download", "--epochs", "1", "--out", str(run.run_dir)]  # fmt: skip
+
+    env = {"PYTHONPATH": str(REPO), "OKDFAST_DATA": str(empty)}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        messages: list[str] = []
+        outcomes = execute(runs, report=messages.append, command=missing_data)
+        assert [o.result for o in outcomes] == ["failed", "not started"]
+        assert messages[-1].startswith("stopped: the data set is missing")
+        record = json.loads((tmp_path / "logs" / f"{runs[0].name}.failure.json").read_text())
+        assert "DatasetNotFoundError" in record["kinds"] and "UserError" in record["kinds"]
+
+        def other_failure(run):  # exits 2 with a message naming the data set, but no failure record of that kind
+            return [sys.executable, "-c", "import sys; print('DatasetNotFoundError'); sys.exit(2)"]
+
+        outcomes = execute(runs, report=lambda message: None, command=other_failure)
+        assert [o.result for o in outcomes] == ["failed", "failed"]
 
 
 def test_dry_run_prints_the_plan_of_the_cifar100_table(tmp_path):

@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+from okdfast.errors import FAILURE_RECORD_ENV, read_failure_record
 from okdfast.reproduce.plan import PlannedRun
 
 POLL_SECONDS = 0.2
@@ -61,6 +63,11 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def failure_record_path(run: PlannedRun) -> Path:
+    """Where a run's process writes the record of the error it exited with (okdfast.errors.FAILURE_RECORD_ENV)."""
+    return stdout_log(run).with_suffix(".failure.json")
+
+
 def execute(
     runs: list[PlannedRun],
     *,
@@ -73,110 +80,137 @@ def execute(
     """Runs every unfinished run in order; ``deadline`` is a ``time.monotonic()`` value (None: no budget).
 
     ``command`` builds a run's command line (default: its ``python -m okdfast.train`` command; tests swap it).
-    A data set that is missing fails the first run within seconds; the runner then stops rather than failing
-    every other run the same way. Raises :class:`Interrupted` (with the outcomes) after Ctrl-C / SIGTERM.
+    A data set that is missing fails the first run within seconds (its process's failure record says so); the
+    runner then stops rather than failing every other run the same way. Raises :class:`Interrupted` (with the
+    outcomes) after Ctrl-C / SIGTERM.
     """
-    command = command or (lambda run: run.command)
-    outcomes: dict[int, Outcome] = {}
-    pending = []
-    for run in runs:
-        if run.status == "finished":
-            outcomes[run.index] = Outcome(run, "skipped (finished before)")
-        else:
-            pending.append(run)
-    env = os.environ.copy()
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    active: dict[int, tuple[PlannedRun, subprocess.Popen, float, object]] = {}
-    stopping = False  # deadline reached or Ctrl-C: SIGTERM sent, no new runs
-    stop_sent: dict[int, float] = {}
-    fatal: str | None = None
-    total = len(runs)
-
-    def start(run: PlannedRun) -> None:
-        log_path = stdout_log(run)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = log_path.open("a")
-        handle.write(f"\n$ {' '.join(command(run))}\n")
-        handle.flush()
-        resume = f" (resuming at epoch {run.epochs_done})" if run.status == "partial" else ""
-        report(f"[{run.index}/{total}] start {run.method} {run.arch} seed {run.seed}{resume} -> {run.run_dir}")
-        process = subprocess.Popen(
-            command(run), stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        active[run.index] = (run, process, time.monotonic(), handle)
-
-    def finish(index: int, returncode: int) -> None:
-        nonlocal fatal
-        run, _, started, handle = active.pop(index)
-        handle.close()  # type: ignore[attr-defined]
-        seconds = time.monotonic() - started
-        log_path = stdout_log(run)
-        run.refresh()
-        if returncode == 0 and run.status == "finished":
-            result = "finished"
-        elif index in stop_sent or returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
-            result = "stopped (resumable)"
-        else:
-            result = "failed"
-        outcomes[index] = Outcome(run, result, seconds, returncode, log_path)
-        report(f"[{index}/{total}] {result} after {seconds:.0f} s: {run.method} {run.arch} seed {run.seed}")
-        if result == "failed":
-            tail = log_tail(log_path)
-            report(f"    exit code {returncode}; last lines of {log_path}:\n" + _indent(tail))
-            if "DatasetNotFoundError" in tail:
-                fatal = "the data set is missing (see above): every other run would fail the same way"
-
-    def stop_all(reason: str) -> None:
-        nonlocal stopping
-        if not stopping:
-            report(f"{reason}: stopping {len(active)} running run(s) with a checkpoint (SIGTERM)")
-        stopping = True
-        for index, (_, process, _, _) in active.items():
-            if index not in stop_sent and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                stop_sent[index] = time.monotonic()
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
+    runner = _Runner(runs, jobs, grace, report, command or (lambda run: run.command))
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     except ValueError:  # not the main thread
         previous = None
     interrupted = False
     try:
-        while pending or active:
-            if deadline is not None and time.monotonic() >= deadline and not stopping:
-                stop_all("time budget spent")
-            while not stopping and fatal is None and pending and len(active) < jobs:
-                start(pending.pop(0))
-            for index in list(active):
-                _, process, _, _ = active[index]
-                returncode = process.poll()
-                if returncode is not None:
-                    finish(index, returncode)
-                elif index in stop_sent and time.monotonic() - stop_sent[index] > grace:
-                    process.kill()  # did not checkpoint within the grace time; resumes from its last epoch
-            if (stopping or fatal is not None) and not active:
-                break
-            time.sleep(POLL_SECONDS)
+        runner.loop(deadline)
     except KeyboardInterrupt:
         interrupted = True
-        stop_all("interrupted")
-        for index in list(active):
-            finish(index, active[index][1].wait())
+        runner.stop_all("interrupted")
+        for index in list(runner.active):
+            runner.finish(index, runner.active[index].process.wait())
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for run in pending:
-        outcomes[run.index] = Outcome(run, "not started" + (" (time budget)" if stopping and not interrupted else ""))
-    if fatal:
-        report(f"stopped: {fatal}")
-    ordered = [outcomes[run.index] for run in runs if run.index in outcomes]
+    ordered = runner.outcomes_in_order(interrupted)
     if interrupted:
         raise Interrupted(ordered)
     return ordered
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class _Active:
+    run: PlannedRun
+    process: subprocess.Popen
+    started: float
+    handle: IO[str]
+
+
+class _Runner:
+    """The state of one :func:`execute`: the runs waiting, running and done, and whether it is stopping."""
+
+    def __init__(self, runs, jobs, grace, report, command) -> None:
+        self.runs, self.jobs, self.grace, self.report, self.command = runs, jobs, grace, report, command
+        self.outcomes: dict[int, Outcome] = {}
+        self.pending: list[PlannedRun] = []
+        for run in runs:
+            if run.status == "finished":
+                self.outcomes[run.index] = Outcome(run, "skipped (finished before)")
+            else:
+                self.pending.append(run)
+        self.env = os.environ.copy()
+        if jobs > 1 and "OMP_NUM_THREADS" not in self.env:
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        self.active: dict[int, _Active] = {}
+        self.stopping = False  # deadline reached or Ctrl-C: SIGTERM sent, no new runs
+        self.stop_sent: dict[int, float] = {}
+        self.fatal: str | None = None
+
+    def loop(self, deadline: float | None) -> None:
+        """Start runs while there is room, collect the ones that end, stop them all at the deadline."""
+        while self.pending or self.active:
+            if deadline is not None and time.monotonic() >= deadline and not self.stopping:
+                self.stop_all("time budget spent")
+            while not self.stopping and self.fatal is None and self.pending and len(self.active) < self.jobs:
+                self.start(self.pending.pop(0))
+            for index in list(self.active):
+                entry = self.active[index]
+                returncode = entry.process.poll()
+                if returncode is not None:
+                    self.finish(index, returncode)
+                elif index in self.stop_sent and time.monotonic() - self.stop_sent[index] > self.grace:
+                    entry.process.kill()  # did not checkpoint within the grace time; resumes from its last epoch
+            if (self.stopping or self.fatal is not None) and not self.active:
+                break
+            time.sleep(POLL_SECONDS)
+
+    def start(self, run: PlannedRun) -> None:
+        log_path = stdout_log(run)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        record = failure_record_path(run)
+        record.unlink(missing_ok=True)  # a record left by an earlier attempt says nothing about this one
+        handle = log_path.open("a")
+        handle.write(f"\n$ {' '.join(self.command(run))}\n")
+        handle.flush()
+        resume = f" (resuming at epoch {run.epochs_done})" if run.status == "partial" else ""
+        self.report(
+            f"[{run.index}/{len(self.runs)}] start {run.method} {run.arch} seed {run.seed}{resume} -> {run.run_dir}"
+        )
+        env = self.env | {FAILURE_RECORD_ENV: str(record)}
+        process = subprocess.Popen(
+            self.command(run), stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        self.active[run.index] = _Active(run, process, time.monotonic(), handle)
+
+    def finish(self, index: int, returncode: int) -> None:
+        entry = self.active.pop(index)
+        entry.handle.close()
+        run, seconds, log_path = entry.run, time.monotonic() - entry.started, stdout_log(entry.run)
+        run.refresh()
+        if returncode == 0 and run.status == "finished":
+            result = "finished"
+        elif index in self.stop_sent or returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
+            result = "stopped (resumable)"
+        else:
+            result = "failed"
+        self.outcomes[index] = Outcome(run, result, seconds, returncode, log_path)
+        self.report(
+            f"[{index}/{len(self.runs)}] {result} after {seconds:.0f} s: {run.method} {run.arch} seed {run.seed}"
+        )
+        if result == "failed":
+            self.report(f"    exit code {returncode}; last lines of {log_path}:\n" + _indent(log_tail(log_path)))
+            record = read_failure_record(failure_record_path(run))
+            if record is not None and "DatasetNotFoundError" in record["kinds"]:
+                self.fatal = "the data set is missing (see above): every other run would fail the same way"
+
+    def stop_all(self, reason: str) -> None:
+        if not self.stopping:
+            self.report(f"{reason}: stopping {len(self.active)} running run(s) with a checkpoint (SIGTERM)")
+        self.stopping = True
+        for index, entry in self.active.items():
+            if index not in self.stop_sent and entry.process.poll() is None:
+                entry.process.send_signal(signal.SIGTERM)
+                self.stop_sent[index] = time.monotonic()
+
+    def outcomes_in_order(self, interrupted: bool) -> list[Outcome]:
+        for run in self.pending:
+            budget = " (time budget)" if self.stopping and not interrupted else ""
+            self.outcomes[run.index] = Outcome(run, "not started" + budget)
+        if self.fatal:
+            self.report(f"stopped: {self.fatal}")
+        return [self.outcomes[run.index] for run in self.runs if run.index in self.outcomes]
 
 
 def _indent(text: str) -> str:
