@@ -30,39 +30,3 @@ class CheckpointError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """The data set's files exist but cannot be read, or differ from the data a run was trained on."""
-
-
-# A parent process (okdfast.reproduce's runner) that sets this variable to a path gets a structured record of the
-# UserError a CLI exited with, {"error": class name, "kinds": the classes it derives from, "message": ...}, so that
-# it tells failures apart by type, not by searching the log's text.
-FAILURE_RECORD_ENV = "OKDFAST_FAILURE_RECORD"
-
-
-def write_failure_record(error: BaseException) -> None:
-    """Write the record of ``error`` where ``$OKDFAST_FAILURE_RECORD`` says (nothing when it is unset)."""
-    import json
-    import os
-
-    path = os.environ.get(FAILURE_RECORD_ENV)
-    if not path:
-        return
-    from okdfast.utils.atomic_files import atomic_write_text
-
-    kinds = [cls.__name__ for cls in type(error).__mro__ if cls not in (object, BaseException)]
-    record = {"error": type(error).__name__, "kinds": kinds, "message": str(error)}
-    try:
-        atomic_write_text(path, json.dumps(record) + "\n")
-    except OSError:  # the record is a courtesy to the parent: never a second failure
-        pass
-
-
-def read_failure_record(path) -> dict | None:
-    """The record a child wrote at ``path`` (None: none, or not readable as one)."""
-    import json
-    from pathlib import Path
-
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("kinds"), list) else None

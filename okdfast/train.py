@@ -30,7 +30,7 @@ from okdfast.config import TrainConfig, parse_config
 from okdfast.data import build_data_loaders, load_dataset
 from okdfast.data.locate import download_by_default
 from okdfast.epoch import epoch_row, format_row, merge_sums, train_one_epoch
-from okdfast.errors import EXIT_USER_ERROR, UserError, write_failure_record
+from okdfast.errors import EXIT_USER_ERROR, UserError
 from okdfast.evaluation import evaluate
 from okdfast.methods import list_methods, sigmoid_rampup
 from okdfast.models import list_models
@@ -42,6 +42,7 @@ from okdfast.run_checks import check_for_device
 from okdfast.signals import StopRequested
 from okdfast.training import Training
 from okdfast.utils.distributed import DistInfo, cleanup_distributed, setup_distributed
+from okdfast.utils.failure_record import write_failure_record
 from okdfast.utils.nan_guard import NonFiniteGuard
 from okdfast.utils.seeding import seed_everything
 

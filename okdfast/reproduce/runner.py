@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from okdfast.errors import FAILURE_RECORD_ENV, read_failure_record
 from okdfast.reproduce.plan import PlannedRun
+from okdfast.utils.failure_record import FAILURE_RECORD_ENV, read_failure_record
 
 POLL_SECONDS = 0.2
 
