@@ -59,7 +59,7 @@ class TrainConfig:
     rampup_epochs: float | None = None  # L of w(e); None: 80 epochs per 300 (scaled to --epochs)
     detach_teacher: bool | None = None  # None: each method's reference-code default
     cd_weight: float | None = None  # lambda_CD of mde; None: the --cd-form's default (methods/mde.py)
-    cd_form: str = "frobenius"  # nontarget_corr | frobenius | abscos | cos2: mde's CD (docs/METHOD.md section 3)
+    cd_form: str = "nontarget_corr"  # nontarget_corr | frobenius | abscos | cos2: mde's CD (docs/METHOD.md section 3)
     ffm: str = "on"  # on | off: mde's FFM target (off: the mean of the auxiliary branches, an ablation)
     ffm_input: str = "sum"  # sum | concat | sum+logits | concat+logits | logits: what mde's FFM reads
     ffm_temperature: float = 1.0  # tau of mde's FFM attention softmax

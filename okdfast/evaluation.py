@@ -21,7 +21,9 @@ a two-level method's leader, and all K branches for the other methods):
   their classifier weight rows (what the weight-space CD forms lower).
 - attention_entropy: the normalised entropy H(a) / log M of the method's attention over M branches (1: uniform),
   attention_on_correct / attention_on_wrong: its mean weight on a branch that is right / wrong on the sample
-  (ONE's gate, OKDDip's peer attention, MDE's FFM).
+  (ONE's gate, OKDDip's peer attention, MDE's FFM); attention_self, for one attention row per branch (OKDDip's,
+  MDE's per-auxiliary targets): the mean weight a row gives its own branch (1/M uniform, 1: no distillation from
+  the others).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def attention_sums(attention: Tensor, correct: Tensor) -> dict[str, Tensor]:
     count = a.shape[-1]
     entropy = -(a * a.clamp_min(1e-12).log()).sum(-1) / math.log(count) if count > 1 else torch.zeros_like(a[..., 0])
     right = correct[:, None, :count].float().expand_as(a)
-    return {
+    own = {"attention_self": torch.diagonal(a, dim1=1, dim2=2).mean(dim=1).sum()} if a.shape[1] == count > 1 else {}
+    return own | {
         "attention_entropy": entropy.mean(dim=1).sum(),
         "attention_correct_weight": (a * right).sum() / a.shape[1],
         "attention_correct_count": right.sum() / a.shape[1],
@@ -119,6 +122,8 @@ def metrics_from_sums(
         metrics["aux_corr"] = sums["aux_corr"] / n
     if "attention_entropy" in sums:
         metrics["attention_entropy"] = sums["attention_entropy"] / n
+        if "attention_self" in sums:
+            metrics["attention_self"] = sums["attention_self"] / n
         for side in ("correct", "wrong"):
             count = sums[f"attention_{side}_count"]
             metrics[f"attention_on_{side}"] = sums[f"attention_{side}_weight"] / count if count else float("nan")

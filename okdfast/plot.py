@@ -187,7 +187,8 @@ DIAGNOSTIC_PANELS = (  # (title, y label, [(metrics key, legend)]): what each me
       ("share_cd", "CD share"), ("cd_grad_ratio", "|grad CD| / |grad task| on the classifiers")]),
     ("What the FFM does", "",
      [("attention_entropy", "attention entropy / log(K-1)"), ("attention_on_correct", "weight on a correct aux."),
-      ("attention_on_wrong", "weight on a wrong aux."), ("target_gain", "acc(target) - acc(aux. ensemble)")]),
+      ("attention_on_wrong", "weight on a wrong aux."), ("attention_self", "a row's weight on its own aux."),
+      ("target_gain", "acc(target) - acc(aux. ensemble)")]),
 )  # fmt: skip
 
 

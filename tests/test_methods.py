@@ -361,3 +361,20 @@ def test_mde_leader_target_can_train_the_auxiliaries_as_in_okddip_code():
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
         grads[detach] = got["net.branches.0.classifier.weight"]
     assert not torch.allclose(grads[True], grads[False])
+
+
+def test_attention_diagnostics_by_hand():
+    """okdfast.evaluation.attention_sums: entropy, weights on right / wrong branches, and for one row per branch the
+    weight a row gives its own branch (per-auxiliary targets that collapse onto themselves stop distilling)."""
+    from okdfast.evaluation import attention_sums
+
+    correct = torch.tensor([[True, False, True, True]])  # the leader (last) is not attended to
+    shared = attention_sums(torch.tensor([[0.5, 0.25, 0.25]]), correct)
+    assert "attention_self" not in shared  # one row shared by all: no own branch
+    assert shared["attention_correct_weight"].item() == pytest.approx(0.75)
+    assert shared["attention_entropy"].item() == pytest.approx(1.5 * math.log(2) / math.log(3))
+    rows = torch.tensor([[[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.0, 0.0, 1.0]]])  # (B, M, M)
+    per_aux = attention_sums(rows, correct)
+    assert per_aux["attention_self"].item() == pytest.approx((0.8 + 0.6 + 1.0) / 3)
+    uniform = attention_sums(torch.full((2, 3, 3), 1 / 3), correct.expand(2, -1))
+    assert uniform["attention_self"].item() == pytest.approx(2 / 3)  # a sum over the batch: 1/3 per sample

@@ -49,7 +49,7 @@ class MethodConfig:
     rampup_epochs: float = 80.0  # L of the sigmoid ramp-up w(e)
     detach_teacher: bool | None = None  # None: the method's reference-code default
     cd_weight: float | None = None  # lambda_CD of MDE; None: the form's default (methods/mde.py CD_DEFAULT_WEIGHTS)
-    cd_form: str = "frobenius"  # MDE's CD loss: nontarget_corr (per sample) | frobenius | abscos | cos2
+    cd_form: str = "nontarget_corr"  # MDE's CD loss: nontarget_corr (per sample) | frobenius | abscos | cos2
     ffm: bool = True  # MDE: the FFM target (False: the mean of the auxiliary branches)
     ffm_input: str = "sum"  # MDE: what the FFM reads (models/ffm.py FFM_INPUTS)
     ffm_temperature: float = 1.0  # MDE: tau of the FFM's attention softmax

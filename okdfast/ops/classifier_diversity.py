@@ -15,13 +15,9 @@ from torch import Tensor
 
 from okdfast.ops.reference import CD_FORMS, classifier_diversity_reference
 
-__all__ = ["CD_DEFAULT_WEIGHTS", "CD_FORMS", "classifier_diversity_loss", "validate_classifier_diversity_args"]
+__all__ = ["CD_FORMS", "classifier_diversity_loss", "validate_classifier_diversity_args"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# lambda_CD when --cd-weight is not given: frobenius and abscos as both third-party re-implementations use them;
-# cos2 (scale-free, in [0, 1]) at 1.0, our choice (docs/METHOD.md section 3).
-CD_DEFAULT_WEIGHTS = {"frobenius": 5e-8, "abscos": 5e-8, "cos2": 1.0}
 
 
 def validate_classifier_diversity_args(weights: Tensor, form: str, eps: float) -> None:

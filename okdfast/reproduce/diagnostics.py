@@ -21,6 +21,7 @@ COLUMNS = (
     ("attention_entropy", "attention entropy", 3),
     ("attention_on_correct", "attn. on correct", 4),
     ("attention_on_wrong", "attn. on wrong", 4),
+    ("attention_self", "attn. on itself", 3),
     ("target_gain", "target gain (pts)", 2),
 )
 
@@ -49,7 +50,8 @@ def diagnostics_lines(results: list[Any], label: Any) -> list[str]:
         "auxiliaries, all: among all branches), KL (mean pairwise KL(p_j || p_k), T = 1), aux_corr (the auxiliaries' "
         "non-target correlation, what CD nontarget_corr lowers; logged whatever the CD form and weight), the FFM "
         "attention's entropy / log(K-1) (1: uniform) and its mean weight on an auxiliary that is right or wrong on "
-        "the image, and target gain (acc of the FFM target minus acc of the auxiliaries' ensemble, points). From "
+        "the image (attn. on itself, with per-auxiliary rows: the weight a row gives its own auxiliary, 1/3 "
+        "uniform), and target gain (acc of the FFM target minus acc of the auxiliaries' ensemble, points). From "
         "training: CD share (lambda * L_cd over the total loss, epoch mean), CD / task grad (norm of CD's gradient "
         "over the task's on the auxiliary classifiers). Weights: the auxiliary classifiers' mean |cos|.",
         "",
