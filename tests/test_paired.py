@@ -238,7 +238,8 @@ def test_the_cifar10_diversity_design_numbers_come_from_the_committed_runs(tmp_p
     main_table, sweep = catalog.table("cifar10-diversity"), catalog.table("cifar10-diversity-sweep")
     assert (main_table.seeds, sweep.seeds, main_table.archs, main_table.data_file) == (
         6, 1, ["resnet8"], "cifar10-jpeg.npz")  # fmt: skip
-    assert main_table.methods == ["independent", "one", "okddip", "mde", "mde-ffm-off", "mde-no-cd"]
+    # the six rows of the design, and the one the sweep added (the only FFM variant whose attention moved)
+    assert main_table.methods == ["independent", "one", "okddip", "mde", "mde-ffm-off", "mde-no-cd", "mde-ffm-per-aux"]
     assert catalog.schedule(main_table.default_schedule).train == {"epochs": 5, "lr_schedule": "cosine"}
     for table in (main_table, sweep):
         runs = build_plan(catalog, table, catalog.schedule("diversity"), seeds=list(range(table.seeds)),
@@ -249,7 +250,7 @@ def test_the_cifar10_diversity_design_numbers_come_from_the_committed_runs(tmp_p
     assert by_row["mde-sw-ffm-per-aux"].ffm_targets == "per-aux" and by_row["mde-sw-ffm-concat"].cd_weight == 0.0
     assert main(["--table", "cifar10-diversity", "--dry-run", "--probe", "none", "--out", str(tmp_path / "p"),
                  "--data-dir", str(tmp_path)]) == 0  # fmt: skip
-    assert "36 runs" in capsys.readouterr().out  # --seeds defaults to the table's 6
+    assert "42 runs" in capsys.readouterr().out  # --seeds defaults to the table's 6
 
     if not (SMALL / "mde_resnet20_cifar10_s0" / "summary.json").is_file():
         pytest.skip("no committed cifar10-small runs")
