@@ -110,10 +110,20 @@ def test_compile_keeps_the_loss_trajectory(tmp_path):
         seed=3,
         max_steps=4,
     )
+    # The first step's loss is taken before any update: compiled and eager differ only by the order of float32
+    # sums (about sqrt(reduction length) ulps through ~10 layers: ~1e-6; measured 1e-7), bound 1e-5.
+    first = {**base, "max_steps": 1}
+    eager = run(TrainConfig(out=str(tmp_path / "eager1"), compile="off", **first))
+    compiled = run(TrainConfig(out=str(tmp_path / "compiled1"), compile="default", **first))
+    for key in ("train_loss", "train_ce", "train_kd"):
+        assert compiled["last"][key] == pytest.approx(eager["last"][key], rel=1e-5), key
+    # After 4 SGD steps that difference has grown through the updates (measured here, AVX-512 and AVX2: loss 5e-5,
+    # the small KD term 2.6e-3 of itself, 3e-5 of the loss): the trajectory stays within 1e-3 of the loss.
     eager = run(TrainConfig(out=str(tmp_path / "eager"), compile="off", **base))
     compiled = run(TrainConfig(out=str(tmp_path / "compiled"), compile="default", **base))
-    assert compiled["last"]["train_loss"] == pytest.approx(eager["last"]["train_loss"], rel=1e-3)
-    assert compiled["last"]["train_kd"] == pytest.approx(eager["last"]["train_kd"], rel=1e-2)
+    loss = eager["last"]["train_loss"]
+    assert compiled["last"]["train_loss"] == pytest.approx(loss, rel=1e-3)
+    assert compiled["last"]["train_kd"] == pytest.approx(eager["last"]["train_kd"], abs=1e-3 * loss)
 
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
