@@ -1036,7 +1036,7 @@ def online_kd_forward(
     shared = layout.constexprs(options, kd_weight, acc, config)
     loss_rows = torch.empty(batch, dtype=acc, device=device)
     terms = torch.empty(batch, shared["NUM_TERMS"], dtype=acc, device=device)
-    stats = torch.empty(batch, shared["STATS"], config[0], dtype=acc, device=device)
+    stats = torch.empty(batch, shared["STATS"], config.block_k, dtype=acc, device=device)
     if batch > 0:
         _runnable(_online_kd_fwd_kernel, device)[(triton.cdiv(batch, config.rows_per_program),)](
             *layout.inputs(logits, target, kd_weight),
@@ -1093,9 +1093,9 @@ def online_kd_backward(
     layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
     weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
     config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps, rows_per_program)
-    tb = config[1]
+    tb = config.tb
     shared = layout.constexprs(options, kd_weight, acc, config)
-    if stats.shape[-2:] != (shared["STATS"], config[0]):
+    if stats.shape[-2:] != (shared["STATS"], config.block_k):
         raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K or head")
     need_z, need_t, need_w = needs
     need_t = need_t and teacher is not None

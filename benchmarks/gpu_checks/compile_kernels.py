@@ -19,6 +19,7 @@ CPU tests run the kernels) type-checks and lowers nothing; this does. A spill me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -50,15 +51,18 @@ def default_cases() -> list[tuple[str, str, tuple[int, int, int]]]:
     return cases + [("mde", "fp32", (128, 4, 100)), ("dml", "fp32", (128, 4, 100)), ("dml", "bf16", (128, 5, 100))]
 
 
+def kernels_run_here():
+    """The recorders stand in for the kernels on CPU tensors, so the op's "do the kernels run here" is yes."""
+    return mock.patch.object(dispatch, "use_triton", lambda tensor, float64=False: True)
+
+
 def record_online_kd(form: str, dtype: str, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
     """The forward, reduce and backward launches of one op call (with the method's options) at ``shape``."""
     logits, target, teacher, weights, kd_weight = bench_loss.make_inputs(
         shape, bench_loss.DTYPES[dtype], form, torch.device("cpu"), values=False
     )
     options = bench_loss.form_options(form, shape[1])
-    # the recorders stand in for the kernels on these CPU tensors, so the op's "do the kernels run here" is yes
-    kernels_run_here = mock.patch.object(dispatch, "use_triton", lambda tensor, float64=False: True)
-    with LaunchRecorder(kd_kernels) as launches, kernels_run_here:
+    with LaunchRecorder(kd_kernels) as launches, kernels_run_here():
         loss, _ = online_kd(logits, target, teacher, weights, options, kd_weight, kernel=True)
         loss.backward()
     return launches
@@ -70,8 +74,7 @@ def record_mde_head(dtype: str, shape: tuple[int, int, int]) -> list[dict[str, A
 
     logits, target, attention, kd_weight = bench_loss.mde_head_inputs(shape, bench_loss.DTYPES[dtype], "shared",
                                                                       torch.device("cpu"))  # fmt: skip
-    kernels_run_here = mock.patch.object(dispatch, "use_triton", lambda tensor, float64=False: True)
-    with LaunchRecorder(kd_kernels) as launches, kernels_run_here:
+    with LaunchRecorder(kd_kernels) as launches, kernels_run_here():
         loss, _ = mde_head(logits, target, attention, bench_loss.MDE_HEAD_OPTIONS, kd_weight, kernel=True)
         loss.backward()
     return launches
@@ -79,9 +82,9 @@ def record_mde_head(dtype: str, shape: tuple[int, int, int]) -> list[dict[str, A
 
 def forced_rows_per_program(rows: int | None):
     """A patch of the launch heuristics that sets every row kernel's rows per program (None: the heuristics')."""
-    real = kd_kernels.launch_config
     if rows is None:
-        return mock.patch.object(kd_kernels, "launch_config", real)
+        return contextlib.nullcontext()
+    real = kd_kernels.launch_config
     return mock.patch.object(kd_kernels, "launch_config", lambda *a, **k: real(*a[:6], rows_per_program=rows))
 
 

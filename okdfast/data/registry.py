@@ -108,7 +108,7 @@ def load_dataset(
     key = _canonical(name)
     builders = {_canonical(k): k for k in DATASETS}
     if key not in builders:
-        DATASETS.get(name)  # raises: the message names the known data sets
+        raise DATASETS.unknown(name)
     roots: list[Path] = search_roots(data_dir)
 
     def build(where: list[Path], fetch: bool) -> DatasetSplits:

@@ -59,10 +59,10 @@ def write_error(path: Path, error: OSError, keeps: str) -> RunFolderWriteError:
 
 
 def _write_all(handle: IO[bytes], data: bytes, path: Path) -> None:
-    """Write ``data`` to ``handle`` (opened for ``path``, or for its temporary file), flush and fsync."""
+    """Write ``data`` to ``handle`` (opened for ``path``, or for its temporary file) and flush it; the caller
+    fsyncs (:func:`atomic_output` the temporary file, :func:`append_text` the log)."""
     handle.write(data)
     handle.flush()
-    os.fsync(handle.fileno())
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -158,6 +158,7 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "a+b") as handle:
             _drop_cut_line(handle)
             _write_all(handle, text.encode("utf-8"), path)
+            os.fsync(handle.fileno())
     except OSError as error:
         if isinstance(error, UserError):
             raise

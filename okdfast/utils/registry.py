@@ -31,8 +31,12 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+            raise self.unknown(name)
         return self._entries[name]
+
+    def unknown(self, name: str) -> ValueError:
+        """The error for a name that is not registered: it names the known ones."""
+        return ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
 
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching the fnmatch ``pattern`` (e.g. ``"resnet*"``)."""
