@@ -49,9 +49,11 @@ import torch
 
 from benchmarks.harness import TimeBudget, add_output_arguments, append_row, machine_columns, results_dir
 from benchmarks.reference_trainer import KLLoss, reference_loader, reference_method, reference_step
+from okdfast.config import TrainConfig
 from okdfast.data import build_data_loaders, load_dataset
-from okdfast.methods import MethodConfig, create_method
-from okdfast.step import TrainStep, build_optimizer
+from okdfast.run.assemble import build_method, build_training, method_config
+from okdfast.run.precision import resolve_amp
+from okdfast.utils.distributed import DistInfo
 
 CIFAR_TRAIN_IMAGES = 50_000
 COMPILE_GUESS_S = 75.0  # a cold compile of the step (forward + loss + backward) on a GPU machine: an estimate
@@ -131,37 +133,30 @@ def time_windows(
 
 
 def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, device: torch.device):
-    amp_dtype = None
+    """okdfast's MDE step with ``features``, built by the functions ``python -m okdfast.train`` builds it with
+    (okdfast.run.assemble: the method on its device and memory format, SGD and its schedule, the scaler, the step),
+    from a TrainConfig at the paper's optimisation defaults."""
+    amp = "off"
     if features.amp:
-        amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    config = MethodConfig(num_branches=args.branches, fused_loss="on" if features.fused else "off")
-    config = dataclasses.replace(config, branch_impl="grouped" if features.grouped else "loop")
-    torch.manual_seed(0)
-    method = create_method("mde", args.arch, splits.num_classes, config).to(device)
-    if features.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(
-        method.parameters(),
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        implementation="auto",
-        device=device,
-        lr_as_tensor=features.cuda_graphs,
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step = TrainStep(
-        method,
-        method,
-        optimizer,
-        scaler,
-        device=device,
-        amp_dtype=amp_dtype,
-        compile_mode="default" if features.compile else "off",
+        amp = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    config = TrainConfig(
+        method="mde",
+        arch=args.arch,
+        branches=args.branches,
+        batch_size=args.batch_size,
+        fused_loss="on" if features.fused else "off",
+        branch_impl="grouped" if features.grouped else "loop",
+        compile="default" if features.compile else "off",
         cuda_graphs=features.cuda_graphs,
-        full_batch=args.batch_size,
+        channels_last=features.channels_last,
+        amp=amp,
+        device=str(device),
     )
+    config.validate()
+    amp_dtype = resolve_amp(amp, device)
+    torch.manual_seed(0)
+    method, model = build_method(config, method_config(config), splits.num_classes, DistInfo(), device)
+    _, _, _, step = build_training(config, method, model, amp_dtype, DistInfo(), device)
     train_loader, _ = build_data_loaders(
         splits,
         loader="gpu" if features.fast_loader else "torch",
@@ -175,11 +170,8 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
     )
     kd_weight = torch.tensor(1.0, device=device)
 
-    def step_fn(images: torch.Tensor, labels: torch.Tensor) -> None:
-        images = images.to(device, non_blocking=True)
-        if features.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        step(images, labels.to(device, non_blocking=True), kd_weight)
+    def step_fn(images: torch.Tensor, labels: torch.Tensor) -> None:  # the loader delivers on device, in layout
+        step(images, labels, kd_weight)
 
     return step_fn, endless(train_loader)
 

@@ -96,6 +96,47 @@ def _crop_flip_lut_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # host launcher
 # ---------------------------------------------------------------------------------------------------------------
+def _checked_inputs(images, index, top, left, flip, lut, padding):
+    """The launcher's inputs validated (so the kernel never reads out of bounds) and made contiguous: -> index, top,
+    left, flip (the last three None when not augmenting). Index and crop values are checked on the host only for
+    CPU tensors, to avoid a device sync (the loaders build them from a permutation)."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or not images.is_contiguous():
+        raise ValueError(f"images: expected contiguous uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+    n, _, _, c = images.shape
+    b = index.shape[0]
+    if index.dim() != 1 or index.dtype != torch.int64:
+        raise ValueError(f"index: expected int64 (B,), got {index.dtype} {tuple(index.shape)}")
+    if top is not None:
+        for name, t, dtype in (("top", top, torch.int64), ("left", left, torch.int64), ("flip", flip, torch.bool)):
+            if t is None or t.shape != (b,) or t.dtype != dtype or t.device != images.device:
+                raise ValueError(
+                    f"{name}: expected {dtype} ({b},) on {images.device}, got {t if t is None else t.dtype}"
+                )
+        top, left, flip = top.contiguous(), left.contiguous(), flip.contiguous()
+    index = index.contiguous()
+    if lut.shape != (c, 256) or not lut.is_contiguous():
+        raise ValueError(f"lut: expected a contiguous ({c}, 256) table (normalize_lut), got {tuple(lut.shape)}")
+    for name, t in (("index", index), ("lut", lut)):
+        if t.device != images.device:
+            raise ValueError(f"{name}: on {t.device}, images on {images.device}")
+    if index.device.type == "cpu" and b and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise ValueError(f"index: values must lie in [0, {n})")
+    if top is not None and top.device.type == "cpu" and b:
+        if int(top.min()) < 0 or int(top.max()) > 2 * padding or int(left.min()) < 0 or int(left.max()) > 2 * padding:
+            raise ValueError(f"top/left: crop corners must lie in [0, {2 * padding}]")
+    return index, top, left, flip
+
+
+def _output(out, shape, lut, device, channels_last):
+    """``out`` checked, or a new (B, C, H, W) tensor in lut's dtype (channels-last strides when asked)."""
+    if out is None:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=lut.dtype, device=device, memory_format=memory_format)
+    if out.shape != shape or out.dtype != lut.dtype or out.device != device:
+        raise ValueError(f"out: expected {lut.dtype} {shape} on {device}, got {out.dtype} {out.shape}")
+    return out
+
+
 def crop_flip_normalize(
     images: torch.Tensor,
     index: torch.Tensor,
@@ -111,39 +152,13 @@ def crop_flip_normalize(
     """images uint8 (N, H, W, C) contiguous, index (B,) int64, top/left (B,) int64 and flip (B,) bool (or all None:
     no augmentation), lut (C, 256) from ``normalize_lut`` in the output dtype -> (B, C, H, W) in lut's dtype,
     channels-last strides when ``channels_last`` (or written into ``out``, any strides). Arguments are validated
-    here: the kernel never sees an index that could read out of bounds (index values are checked on the host only
-    when the tensors are on the CPU, to avoid a device sync; the loaders build them from a permutation).
+    first (:func:`_checked_inputs`).
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or not images.is_contiguous():
-        raise ValueError(f"images: expected contiguous uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
-    n, h, w, c = images.shape
-    b = index.shape[0]
-    if index.dim() != 1 or index.dtype != torch.int64:
-        raise ValueError(f"index: expected int64 (B,), got {index.dtype} {tuple(index.shape)}")
+    index, top, left, flip = _checked_inputs(images, index, top, left, flip, lut, padding)
     augment = top is not None
-    if augment:
-        for name, t, dtype in (("top", top, torch.int64), ("left", left, torch.int64), ("flip", flip, torch.bool)):
-            if t is None or t.shape != (b,) or t.dtype != dtype or t.device != images.device:
-                raise ValueError(
-                    f"{name}: expected {dtype} ({b},) on {images.device}, got {t if t is None else t.dtype}"
-                )
-        top, left, flip = top.contiguous(), left.contiguous(), flip.contiguous()
-    index = index.contiguous()
-    if lut.shape != (c, 256) or not lut.is_contiguous():
-        raise ValueError(f"lut: expected a contiguous ({c}, 256) table (normalize_lut), got {tuple(lut.shape)}")
-    for name, t in (("index", index), ("lut", lut)):
-        if t.device != images.device:
-            raise ValueError(f"{name}: on {t.device}, images on {images.device}")
-    if index.device.type == "cpu" and b and (int(index.min()) < 0 or int(index.max()) >= n):
-        raise ValueError(f"index: values must lie in [0, {n})")
-    if augment and top.device.type == "cpu" and b:
-        if int(top.min()) < 0 or int(top.max()) > 2 * padding or int(left.min()) < 0 or int(left.max()) > 2 * padding:
-            raise ValueError(f"top/left: crop corners must lie in [0, {2 * padding}]")
-    if out is None:
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((b, c, h, w), dtype=lut.dtype, device=images.device, memory_format=memory_format)
-    elif out.shape != (b, c, h, w) or out.dtype != lut.dtype or out.device != images.device:
-        raise ValueError(f"out: expected {lut.dtype} {(b, c, h, w)} on {images.device}, got {out.dtype} {out.shape}")
+    _, h, w, c = images.shape
+    b = index.shape[0]
+    out = _output(out, (b, c, h, w), lut, images.device, channels_last)
     if b == 0:
         return out
     # Memory order of the output decides which index is fastest inside a program (coalesced stores).

@@ -1093,26 +1093,16 @@ def online_kd_backward(
     layout = _Layout(logits, teacher, teacher_weights, weight_rows, head)
     weighted = layout.mode in (TEACHER_WEIGHTS, TEACHER_ATTENTION)
     config = launch_config(num_branches, num_classes, layout.rows, weighted, block_c, num_warps, rows_per_program)
-    tb = config.tb
     shared = layout.constexprs(options, kd_weight, acc, config)
     if stats.shape[-2:] != (shared["STATS"], config.block_k):
         raise RuntimeError("online_kd_backward: stats were written with another BLOCK_K or head")
     need_z, need_t, need_w = needs
     need_t = need_t and teacher is not None
     need_w = need_w and teacher_weights is not None
-    # padded teacher rows (TB > KT) count as detached, so a fully detached teacher reads (1 << TB) - 1
-    detach_mask = options.detach_mask(layout.rows) | ((1 << tb) - (1 << layout.rows) if tb > layout.rows else 0)
-    if shared["PEER"]:
-        detach_mask = 1 if options.detach_teacher else 0
-    kl_trained = shared["HAS_KD"] and not shared["PEER"] and detach_mask != (1 << tb) - 1
+    detach_mask, kl_trained = _detach_mask(options, layout, shared, config.tb)
     gz = torch.empty(logits.shape, dtype=logits.dtype, device=device) if need_z else None
     gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=device) if need_t else None
-    if need_w and head is not None:  # the attention logits' gradient: (B, 1 or M, M)
-        gw = torch.empty(batch, layout.attention_rows, num_branches - 1, dtype=acc, device=device)
-    elif need_w:
-        gw = torch.empty(batch, layout.rows, num_branches, dtype=acc, device=device)
-    else:
-        gw = None
+    gw = _weights_gradient_buffer(layout, logits, acc) if need_w else None
     if batch > 0 and (need_z or need_t or need_w):
         placeholder = stats  # a pointer for the outputs not written
         _runnable(_online_kd_bwd_kernel, device)[(triton.cdiv(batch, config.rows_per_program),)](
@@ -1136,9 +1126,35 @@ def online_kd_backward(
             B=batch,
             **shared,
         )
-    if gw is not None and head is not None:
-        gw = gw.reshape(teacher_weights.shape).to(teacher_weights.dtype)
-    elif gw is not None:
-        constant = (teacher_weights.dim() == 2 and layout.rows > 1) or teacher_weights.shape[0] == 1
-        gw = (gw.sum(0) if constant else gw).reshape(teacher_weights.shape).to(teacher_weights.dtype)
+    if gw is not None:
+        gw = _in_weights_shape(gw, teacher_weights, layout.rows, head is not None)
     return gz, gt, gw
+
+
+def _detach_mask(options, layout, shared, tb: int) -> tuple[int, bool]:
+    """The backward's detach bits (padded teacher rows, TB > KT, count as detached, so a fully detached teacher
+    reads (1 << TB) - 1) and whether any KL term trains its teacher."""
+    detach_mask = options.detach_mask(layout.rows) | ((1 << tb) - (1 << layout.rows) if tb > layout.rows else 0)
+    if shared["PEER"]:
+        detach_mask = 1 if options.detach_teacher else 0
+    kl_trained = shared["HAS_KD"] and not shared["PEER"] and detach_mask != (1 << tb) - 1
+    return detach_mask, kl_trained
+
+
+def _weights_gradient_buffer(layout, logits: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Where the kernel writes the teacher weights' gradient: per row (B, KT, K), or for MDE's head the attention
+    logits' (B, 1 or M, M), in the accumulation dtype."""
+    batch, num_branches, _ = logits.shape
+    if layout.head is not None:
+        shape = (batch, layout.attention_rows, num_branches - 1)
+    else:
+        shape = (batch, layout.rows, num_branches)
+    return torch.empty(shape, dtype=acc, device=logits.device)
+
+
+def _in_weights_shape(gw: torch.Tensor, teacher_weights: torch.Tensor, rows: int, head: bool) -> torch.Tensor:
+    """The weights' gradient in their shape and dtype, summed over the batch when one matrix served every row."""
+    if not head:
+        constant = (teacher_weights.dim() == 2 and rows > 1) or teacher_weights.shape[0] == 1
+        gw = gw.sum(0) if constant else gw
+    return gw.reshape(teacher_weights.shape).to(teacher_weights.dtype)

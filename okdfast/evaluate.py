@@ -1,5 +1,5 @@
 """Evaluate a checkpoint on its run's own test set: every branch, the branch mean, the ensemble, the method's heads
-and the diversity (the definitions are in okdfast/evaluation.py).
+and the diversity (the definitions are in okdfast/run/scoring.py).
 
     python -m okdfast.evaluate RUN_DIR/best.pt [--data-dir DIR] [--device cpu] [--json]
 
@@ -16,62 +16,11 @@ import argparse
 import json
 from typing import Any
 
-from okdfast.assemble import data_record, method_config
-from okdfast.checkpointing import check_same_data, load_weights
-from okdfast.config import TrainConfig
-from okdfast.data import build_loaders, load_dataset
-from okdfast.errors import EXIT_USER_ERROR, ConfigError, UserError
-from okdfast.evaluation import evaluate
-from okdfast.methods import create_method
-from okdfast.utils.checkpoint import load_checkpoint
-from okdfast.utils.distributed import setup_distributed
+from okdfast.errors import EXIT_USER_ERROR, UserError
+from okdfast.run.checkpoint_evaluation import evaluate_and_describe, evaluate_checkpoint
+from okdfast.run.scoring import evaluate
 
 __all__ = ["evaluate", "evaluate_and_describe", "evaluate_checkpoint", "format_table", "main"]
-
-
-def evaluate_checkpoint(
-    checkpoint: str, *, data_dir: str | None = None, device: str = "auto", batch_size: int = 500
-) -> dict[str, float]:
-    """Rebuild a run's method and test set from a checkpoint's own config and evaluate it (messages name
-    ``okdfast.evaluate``, the command that asked)."""
-    return evaluate_and_describe(checkpoint, data_dir=data_dir, device=device, batch_size=batch_size)[0]
-
-
-def evaluate_and_describe(
-    checkpoint: str, *, data_dir: str | None = None, device: str = "auto", batch_size: int = 500
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """:func:`evaluate_checkpoint`'s metrics, and what they are of: the method, arch, K, its reported head, the
-    epochs trained, the data label and the number of test images."""
-    where = "okdfast.evaluate"
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{where} --batch-size {batch_size}: must be an integer >= 1")
-    payload = load_checkpoint(checkpoint, where=where)
-    config = TrainConfig.from_dict(payload["config"], f"{where} {checkpoint}")
-    if data_dir is not None:
-        config.data_dir = data_dir
-    _, torch_device = setup_distributed(device)
-    splits = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.data_seed)
-    check_same_data(payload.get("data"), splits, f"{where} {checkpoint}")
-    _, test_loader = build_loaders(
-        splits, batch_size=config.batch_size, eval_batch_size=batch_size, num_workers=config.workers, seed=config.seed
-    )
-    mcfg = method_config(config)
-    method = create_method(config.method, config.arch, splits.num_classes, mcfg)
-    load_weights(payload, method, f"{where} {checkpoint}")
-    metrics = evaluate(method.to(torch_device), test_loader, torch_device)
-    state = payload.get("state") or {}
-    about = {
-        "checkpoint": checkpoint,
-        "method": config.method,
-        "arch": config.arch,
-        "branches": mcfg.num_branches,
-        "head": method.head_name,
-        "epochs": state.get("epoch"),
-        "steps_into_epoch": state.get("step_in_epoch", 0),
-        "data": data_record(splits)["label"],
-        "test_images": len(splits.test),
-    }
-    return metrics, about
 
 
 def format_table(metrics: dict[str, float], about: dict[str, Any]) -> str:

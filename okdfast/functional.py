@@ -13,7 +13,7 @@ from okdfast.ops.classifier_diversity import classifier_diversity_loss as _class
 from okdfast.ops.mde_head import mde_head
 from okdfast.ops.mde_head_options import MDEHeadOptions, MDEHeadTerms
 from okdfast.ops.online_kd import online_kd
-from okdfast.ops.online_kd_options import OnlineKDOptions, OnlineKDTerms, split_kd_weight
+from okdfast.ops.online_kd_options import DEFAULT_TEMPERATURE, OnlineKDOptions, OnlineKDTerms, split_kd_weight
 
 __all__ = [
     "classifier_diversity_loss",
@@ -31,7 +31,7 @@ def online_kd_loss(
     *,
     teacher_weights: Tensor | None = None,
     mode: str = "ensemble",
-    temperature: float = 3.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     ce_weight: float = 1.0,
     kd_weight: float | Tensor = 1.0,
     teacher_ce_weight: float = 0.0,
@@ -141,7 +141,7 @@ def mde_head_loss(
     target: Tensor,
     attention_logits: Tensor,
     *,
-    temperature: float = 3.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     attention_temperature: float = 1.0,
     target_ce_weight: float = 1.0,
     kd_weight: float | Tensor = 1.0,

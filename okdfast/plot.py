@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from okdfast.config import OneLineParser, read_yaml
+from okdfast.config.recipe import pooling_differences, pooling_key
 from okdfast.errors import UserError
-from okdfast.recipe import pooling_differences, pooling_key
 from okdfast.utils.metrics_log import read_rows
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def comparison_groups(runs: list[RunData]) -> dict[str, dict[str, list[float]]]:
     """Label -> {'branch mean': errors, 'ensemble': errors} of the last epoch, one per run.
 
     Runs are pooled (as seeds of one experiment, n = the number of runs) only when their configs are equal in
-    everything but the seed and the settings that do not change the maths (``okdfast.recipe.pooling_key``). The
+    everything but the seed and the settings that do not change the maths (``okdfast.config.recipe.pooling_key``). The
     label is 'method\\narch\\ndataset', plus the fields that tell apart groups that share those three."""
     pooled: dict[str, list[RunData]] = {}
     for run in runs:

@@ -41,15 +41,15 @@ import torch
 import yaml
 
 from okdfast.config import TrainConfig, build_parser, parse_config
-from okdfast.epoch import merge_sums
 from okdfast.errors import UserError
 from okdfast.evaluate import main as evaluate_main
 from okdfast.functional import classifier_diversity_loss, online_kd_loss
 from okdfast.ops.online_kd_options import OnlineKDOptions
 from okdfast.ops.reference import classifier_diversity_reference, online_kd_reference
+from okdfast.run.checkpoint_file import atomic_save, safe_load
+from okdfast.run.epoch import merge_sums
 from okdfast.train import main, run
 from okdfast.utils import atomic_files
-from okdfast.utils.checkpoint import atomic_save, safe_load
 from okdfast.utils.metrics_log import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -672,7 +672,7 @@ def test_resume_removes_orphaned_temp_files(reference_run, tmp_path):
 
 
 def test_resume_relinks_best_when_a_kill_fell_between_last_and_best(tmp_path):
-    from okdfast.run_folder import RunFolder
+    from okdfast.run.folder import RunFolder
 
     folder = RunFolder(tmp_path)
     folder.created = True
@@ -708,7 +708,7 @@ HARNESS = textwrap.dedent(
     """
     import os, signal, sys
     from okdfast.utils import atomic_files
-    from okdfast import step as step_module
+    from okdfast.run import step as step_module
     mode = os.environ.get("OKD_TEST_MODE", "")
     if mode.startswith("kill:"):  # kill:NAME:N:how -- the N-th write of NAME, cut mid-write or before the rename
         _, name, nth, how = mode.split(":")
@@ -984,7 +984,7 @@ def test_pooling_reproduce_keeps_only_the_seeds_of_one_recipe(tmp_path):
 # usability
 # ---------------------------------------------------------------------------------------------------------------
 def test_usability_amp_on_a_cpu_without_native_bf16(monkeypatch):
-    from okdfast import precision
+    from okdfast.run import precision
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
@@ -1017,7 +1017,7 @@ def test_usability_help_explains_every_flag():
 def test_usability_loss_terms_keep_their_order_in_every_process():
     assert list(merge_sums({"loss": 1.0, "ce": 2.0}, {"loss": 1.0, "ce": 1.0, "kd": 3.0})) == ["loss", "ce", "kd"]
     terms = "['loss', 'ce', 'teacher_ce', 'kd', 'cd']"
-    code = f"from okdfast.epoch import merge_sums; print(list(merge_sums({{}}, dict.fromkeys({terms}, 1.0))))"
+    code = f"from okdfast.run.epoch import merge_sums; print(list(merge_sums({{}}, dict.fromkeys({terms}, 1.0))))"
     orders = {
         subprocess.run(
             [sys.executable, "-c", code],

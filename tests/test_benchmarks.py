@@ -311,9 +311,9 @@ def test_a_decoded_data_set_keeps_its_provenance_in_every_run_record(tmp_path):
     """full_run decodes the JPEG archive into a pixel npz: loading that file must still say lossy, partial (fewer
     images than the official splits) and which file it came from, in the provenance every run record carries."""
     from benchmarks import full_run
-    from okdfast.assemble import data_record
     from okdfast.data import load_dataset
     from okdfast.data.provenance import sha256_of
+    from okdfast.run.assemble import data_record
 
     source = _jpeg_npz(tmp_path / "my-jpegs.npz")
     decoded = full_run.decode(tmp_path / "data", source, limit=4)

@@ -18,7 +18,7 @@ from okdfast.data import (
     ArrayDataset,
     DatasetNotFoundError,
     DatasetSplits,
-    build_loaders,
+    build_data_loaders,
     list_datasets,
     load_dataset,
 )
@@ -140,7 +140,7 @@ def test_synthetic_learnable_by_small_cnn():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
     )  # fmt: skip
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    train, test = build_loaders(s, batch_size=64, num_workers=0)
+    train, test = build_data_loaders(s, loader="torch", batch_size=64, num_workers=0)
     step = 0
     for epoch in range(10):
         train.set_epoch(epoch)
@@ -165,7 +165,7 @@ def test_synthetic_learnable_by_small_cnn():
 # ---------------------------------------------------------------------------------------------------------------
 def test_loader_shapes_dtypes_and_normalisation():
     s = load_dataset("synthetic", train_size=300, test_size=100)
-    train, test = build_loaders(s, batch_size=64, eval_batch_size=40, num_workers=0)
+    train, test = build_data_loaders(s, loader="torch", batch_size=64, eval_batch_size=40, num_workers=0)
     assert (len(train), len(test)) == (5, 3)
     batches = _epoch(train, 0)
     assert [len(y) for _, y in batches] == [64, 64, 64, 64, 44]
@@ -183,19 +183,19 @@ def test_loader_shapes_dtypes_and_normalisation():
 
 def test_drop_last_and_argument_checks():
     s = _coded_splits(100)
-    assert len(build_loaders(s, batch_size=32, num_workers=0, drop_last=True)[0]) == 3
-    assert len(build_loaders(s, batch_size=32, num_workers=0)[0]) == 4
+    assert len(build_data_loaders(s, loader="torch", batch_size=32, num_workers=0, drop_last=True)[0]) == 3
+    assert len(build_data_loaders(s, loader="torch", batch_size=32, num_workers=0)[0]) == 4
     with pytest.raises(ValueError, match="batch_size"):
-        build_loaders(s, batch_size=0)
+        build_data_loaders(s, loader="torch", batch_size=0)
     with pytest.raises(ValueError, match="rank"):
-        build_loaders(s, batch_size=8, distributed=(2, 2))
+        build_data_loaders(s, loader="torch", batch_size=8, distributed=(2, 2))
     with pytest.raises(ValueError, match="drop_last"):
-        build_loaders(s, batch_size=200, drop_last=True)
+        build_data_loaders(s, loader="torch", batch_size=200, drop_last=True)
 
 
 def test_label_alignment_through_augmentation():
     s = _coded_splits(600)
-    train, _ = build_loaders(s, batch_size=64, num_workers=0, seed=5)
+    train, _ = build_data_loaders(s, loader="torch", batch_size=64, num_workers=0, seed=5)
     seen = []
     for x, y in _epoch(train, 2):
         idx = _image_index(x)
@@ -207,15 +207,15 @@ def test_label_alignment_through_augmentation():
 
 def test_reshuffle_per_epoch_and_set_epoch_is_pure():
     s = _coded_splits(300)
-    a, _ = build_loaders(s, batch_size=50, num_workers=0, seed=1)
+    a, _ = build_data_loaders(s, loader="torch", batch_size=50, num_workers=0, seed=1)
     e0, e1 = _epoch(a, 0), _epoch(a, 1)
     order0 = torch.cat([y for _, y in e0])
     assert not torch.equal(torch.cat([x for x, _ in e0]), torch.cat([x for x, _ in e1]))
     e2_after = _epoch(a, 2)
-    b, _ = build_loaders(s, batch_size=50, num_workers=0, seed=1)
+    b, _ = build_data_loaders(s, loader="torch", batch_size=50, num_workers=0, seed=1)
     assert _same(_epoch(b, 2), e2_after)  # epoch 2 without running 0 and 1 first
     assert _same(_epoch(b, 0), e0)
-    c, _ = build_loaders(s, batch_size=50, num_workers=0, seed=2)
+    c, _ = build_data_loaders(s, loader="torch", batch_size=50, num_workers=0, seed=2)
     assert not torch.equal(torch.cat([y for _, y in _epoch(c, 0)]), order0)
     with pytest.warns(UserWarning, match="set_epoch"):
         list(c)  # iterated again without set_epoch
@@ -224,12 +224,12 @@ def test_reshuffle_per_epoch_and_set_epoch_is_pure():
 def test_determinism_across_workers_and_global_rng():
     s = _coded_splits(256)
     torch.manual_seed(123)
-    a, _ = build_loaders(s, batch_size=32, num_workers=0, seed=9)
+    a, _ = build_data_loaders(s, loader="torch", batch_size=32, num_workers=0, seed=9)
     state = torch.get_rng_state()
     ref = _epoch(a, 4)
     assert torch.equal(torch.get_rng_state(), state)  # the loaders leave the global RNG alone
     torch.manual_seed(999)
-    b, _ = build_loaders(s, batch_size=32, num_workers=2, seed=9)
+    b, _ = build_data_loaders(s, loader="torch", batch_size=32, num_workers=2, seed=9)
     assert _same(_epoch(b, 4), ref)
     assert _same(_epoch(b, 5), _epoch(a, 5))
 
@@ -240,7 +240,7 @@ def test_augmentation_parameters_reach_the_images_and_are_uniform():
     ar = np.arange(32, dtype=np.uint8) * 8
     image = np.stack([np.repeat(ar[:, None], 32, 1), np.repeat(ar[None, :], 32, 0), np.full((32, 32), 255)], -1)
     s = _splits(np.broadcast_to(image, (n, 32, 32, 3)).astype(np.uint8), np.zeros(n, dtype=np.int64))
-    train, _ = build_loaders(s, batch_size=256, num_workers=0, seed=0)
+    train, _ = build_data_loaders(s, loader="torch", batch_size=256, num_workers=0, seed=0)
     tops, lefts, flips = [], [], []
     for epoch in range(4):
         train.set_epoch(epoch)
@@ -302,7 +302,7 @@ def test_distributed_shards_are_disjoint_and_complete():
     s = _coded_splits(101)
     shards_train, shards_test = [], []
     for rank in range(2):
-        train, test = build_loaders(s, batch_size=16, num_workers=0, seed=3, distributed=(rank, 2))
+        train, test = build_data_loaders(s, loader="torch", batch_size=16, num_workers=0, seed=3, distributed=(rank, 2))
         assert train.num_samples == 51 and len(train) == 4
         shards_train.append(torch.cat([_image_index(x) for x, _ in _epoch(train, 1)]))
         shards_test.append(torch.cat([_image_index(x) for x, _ in test]))

@@ -15,9 +15,10 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.methods import create_method, list_methods
-from okdfast.step import TrainStep, build_optimizer
+from okdfast.run.assemble import build_training
+from okdfast.run.checkpoint_file import safe_load
 from okdfast.train import run
-from okdfast.utils.checkpoint import safe_load
+from okdfast.utils.distributed import DistInfo
 from okdfast.utils.nan_guard import NonFiniteLossError
 
 COMMON = [
@@ -80,16 +81,8 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp
 def test_train_step_traces_without_graph_break(name):
     torch.manual_seed(0)
     method = create_method(name, "resnet8", 10)
-    optimizer = build_optimizer(
-        method.parameters(),
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        implementation="auto",
-        device=torch.device("cpu"),
-    )
-    step = TrainStep(method, method, optimizer, None, device=torch.device("cpu"), amp_dtype=None)
+    config = TrainConfig(method=name, arch="resnet8", device="cpu").resolve_speed_defaults("cpu")
+    step = build_training(config, method, method, None, DistInfo(), torch.device("cpu"))[3]
     images, target = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     explanation = torch._dynamo.explain(step.forward_loss)(images, target, torch.tensor(0.5))
     assert explanation.graph_break_count == 0, explanation.break_reasons

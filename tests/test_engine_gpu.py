@@ -15,8 +15,10 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.methods import MethodConfig, create_method
-from okdfast.step import TrainStep, build_optimizer
+from okdfast.run.assemble import build_training
+from okdfast.run.step import TrainStep
 from okdfast.train import run
+from okdfast.utils.distributed import DistInfo
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,28 +27,18 @@ pytestmark = [
 
 
 def _step(method, *, cuda_graphs: bool, full_batch: int) -> TrainStep:
-    device = torch.device("cuda")
-    optimizer = build_optimizer(
-        method.parameters(),
+    """The step as okdfast.train builds it (okdfast.run.assemble.build_training), at lr 0.05."""
+    config = TrainConfig(
+        method="mde",
+        arch="resnet8",
+        branches=3,
         lr=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        implementation="auto",
-        device=device,
-        lr_as_tensor=cuda_graphs,
-    )
-    return TrainStep(
-        method,
-        method,
-        optimizer,
-        None,
-        device=device,
-        amp_dtype=None,
-        compile_mode="default" if cuda_graphs else "off",
+        batch_size=full_batch,
+        compile="default" if cuda_graphs else "off",
         cuda_graphs=cuda_graphs,
-        full_batch=full_batch,
+        device="cuda",
     )
+    return build_training(config, method, method, None, DistInfo(), torch.device("cuda"))[3]
 
 
 def test_cuda_graph_step_matches_the_eager_step_including_a_partial_batch():

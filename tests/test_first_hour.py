@@ -25,11 +25,11 @@ import torch
 import torchvision
 
 from benchmarks import bench_branches, harness
-from okdfast import progress
 from okdfast.config import parse_config
 from okdfast.data import cifar, locate
 from okdfast.evaluate import main as evaluate_main
-from okdfast.progress import EpochProgress, RunClock, end_line, format_duration
+from okdfast.run import progress
+from okdfast.run.progress import EpochProgress, RunClock, end_line, format_duration
 from okdfast.train import main, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class FakeClock:
-    """time.perf_counter for okdfast.progress, moved by hand."""
+    """time.perf_counter for okdfast.run.progress, moved by hand."""
 
     def __init__(self) -> None:
         self.now = 1000.0

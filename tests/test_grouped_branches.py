@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import io
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,41 +388,68 @@ def test_resolve_branch_impl_and_configs():
     assert config.resolve_speed_defaults("cpu").branch_impl == resolve_branch_impl("auto", "resnet8", "cpu")
 
 
+SAME_UPDATE_TOL = 2e-2  # of each tensor's own second update; measured up to 8e-4 (the test below)
+
+
+def assert_same_update(actual: dict[str, Tensor], expected: dict[str, Tensor], before: dict[str, Tensor], what: str):
+    """Key by key: ||actual - expected|| <= SAME_UPDATE_TOL * ||expected - before||, where ``before`` is the state
+    one step earlier (the size of the last update); integer tensors (num_batches_tracked) exactly."""
+    assert list(actual) == list(expected), f"{what}: different keys"
+    for key, value in expected.items():
+        if not value.is_floating_point():
+            assert torch.equal(actual[key], value), f"{what} {key}: {actual[key]} != {value}"
+            continue
+        update = (value.double() - before[key].double()).norm().item()
+        assert update > 0, f"{what} {key}: the last step did not change it, so it cannot be compared"
+        error = (actual[key].double() - value.double()).norm().item()
+        assert error <= SAME_UPDATE_TOL * update, f"{what} {key}: |grouped - loop| = {error / update:.2e} of an update"
+
+
+def _train(method: str, impl: str, steps: int, out: Path) -> dict[str, Tensor]:
+    from okdfast.config import TrainConfig
+    from okdfast.run.checkpoint_file import safe_load
+    from okdfast.train import run
+
+    config = TrainConfig(
+        method=method,
+        arch="resnet8",
+        dataset="synthetic",
+        subset=160,
+        epochs=1,
+        batch_size=32,
+        max_steps=steps,
+        workers=0,
+        progress="off",
+        device="cpu",
+        branch_impl=impl,
+        out=str(out),
+    )
+    config.validate()
+    run(config)
+    return safe_load(out / "last.pt")["model"]
+
+
 @pytest.mark.parametrize("method", ["one", "dml"])
 def test_training_runs_agree_and_checkpoints_cross_load(method, tmp_path):
     """The real training loop (data, augmentation, the method's loss, SGD, checkpoint) under both impls: the same
     parameters after two steps, and last.pt of either loads into a method built with the other.
 
-    Two steps because fp32 rounding grows fast at lr 0.1 from a fresh init: measured for ONE on resnet8, loop vs
-    grouped differ by 2e-7 (relative) after 1 step, 9e-7 after 2, 3e-4 after 3 and 3e-3 after 5, while two loop runs
-    agree bit for bit; the float64 runs above are the long-horizon check.
+    The measure is each tensor's difference against the size of its second update (the loop run's state after
+    step 1 to after step 2). The two forms sum the same terms in another order, and at lr 0.1 from a fresh init the
+    second step amplifies that fp32 rounding by an amount that varies run to run. Measured on resnet8, the worst
+    tensor: DML 2e-5 to 3e-5 of its update under AVX-512, ATEN_CPU_CAPABILITY=avx2 and =default; ONE (whose shared
+    trunk sums the K branches' gradients) 2e-4 under AVX-512, 7e-4 to 8e-4 under avx2 and default. As a maximum over
+    elements against the largest parameter this reached 3e-5 under the default ISA in CI, above the 1e-5 an earlier
+    form of this test allowed. A form that computes something else differs by the order of an update (1), 50x above
+    SAME_UPDATE_TOL; the float64 runs above are the tight, long-horizon check.
     """
-    from okdfast.assemble import method_config
     from okdfast.config import TrainConfig
     from okdfast.methods import create_method
-    from okdfast.train import run
-    from okdfast.utils.checkpoint import safe_load
+    from okdfast.run.assemble import method_config
 
-    states = {}
-    for impl in ("loop", "grouped"):
-        config = TrainConfig(
-            method=method,
-            arch="resnet8",
-            dataset="synthetic",
-            subset=160,
-            epochs=1,
-            batch_size=32,
-            max_steps=2,
-            workers=0,
-            progress="off",
-            device="cpu",
-            branch_impl=impl,
-            out=str(tmp_path / impl),
-        )
-        config.validate()
-        run(config)
-        states[impl] = safe_load(tmp_path / impl / "last.pt")["model"]
-    assert_near(states["grouped"], states["loop"], 1e-5, f"{method}: after two training steps")
+    states = {impl: _train(method, impl, 2, tmp_path / impl) for impl in ("loop", "grouped")}
+    one_step = _train(method, "loop", 1, tmp_path / "loop-1")
+    assert_same_update(states["grouped"], states["loop"], one_step, f"{method}: after two training steps")
     for impl, other in (("loop", "grouped"), ("grouped", "loop")):
         config = TrainConfig(method=method, arch="resnet8", branch_impl=other)
         target = create_method(method, "resnet8", 10, method_config(config))
@@ -442,7 +470,7 @@ def test_two_process_ddp_with_grouped_branches(tmp_path):
     import subprocess
     import sys
 
-    from okdfast.utils.checkpoint import safe_load
+    from okdfast.run.checkpoint_file import safe_load
 
     def train(impl: str) -> dict[str, Tensor]:
         with socket.socket() as s:

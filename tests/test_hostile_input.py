@@ -42,11 +42,11 @@ import yaml
 from okdfast.config import HELP_GROUPS, MDE_FIELDS, TrainConfig, build_parser, load_yaml, parse_config
 from okdfast.errors import RunFolderError, UserError
 from okdfast.evaluate import main as evaluate_main
-from okdfast.resume import plan_start
-from okdfast.run_folder import LOCK, RunFolder
+from okdfast.run.checkpoint_file import atomic_save, safe_load
+from okdfast.run.folder import LOCK, RunFolder
+from okdfast.run.resume import plan_start
 from okdfast.train import main, run
 from okdfast.utils import atomic_files
-from okdfast.utils.checkpoint import atomic_save, safe_load
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--arch", "resnet8", "--method", "one", "--subset", "20", "--batch-size", "10",
@@ -105,7 +105,7 @@ HARNESS = textwrap.dedent(
     """
     import os, signal, sys, time
     mode = os.environ["OKD_TEST_MODE"]
-    from okdfast import step as step_module
+    from okdfast.run import step as step_module
     real_call, steps = step_module.TrainStep.__call__, {"n": 0}
 
     def call(self, *args):

@@ -460,8 +460,8 @@ def test_auto_on_cuda_picks_gpu():
 @pytest.mark.slow
 def test_every_loader_trains_mde_to_the_same_result(tmp_path):
     from okdfast.config import TrainConfig
+    from okdfast.run.checkpoint_file import safe_load
     from okdfast.train import run
-    from okdfast.utils.checkpoint import safe_load
 
     results = {}
     for loader in ("torch", "gpu", "ffcv", "dali"):

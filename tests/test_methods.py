@@ -364,9 +364,9 @@ def test_mde_leader_target_can_train_the_auxiliaries_as_in_okddip_code():
 
 
 def test_attention_diagnostics_by_hand():
-    """okdfast.evaluation.attention_sums: entropy, weights on right / wrong branches, and for one row per branch the
+    """okdfast.run.scoring.attention_sums: entropy, weights on right / wrong branches, and for one row per branch the
     weight a row gives its own branch (per-auxiliary targets that collapse onto themselves stop distilling)."""
-    from okdfast.evaluation import attention_sums
+    from okdfast.run.scoring import attention_sums
 
     correct = torch.tensor([[True, False, True, True]])  # the leader (last) is not attended to
     shared = attention_sums(torch.tensor([[0.5, 0.25, 0.25]]), correct)

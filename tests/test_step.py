@@ -1,4 +1,4 @@
-"""okdfast.step: one meaning per flag (--compile's modes, --cuda-graphs and their combination) and the refusals; the
+"""okdfast.run.step: one meaning per flag (--compile's modes, --cuda-graphs and their combination) and the refusals; the
 CUDA-graph step itself needs a GPU (tests/test_engine_gpu.py, pytest -m gpu)."""
 
 from __future__ import annotations
@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from okdfast.config import TrainConfig
 from okdfast.methods import MethodConfig, create_method
-from okdfast.step import INDUCTOR_GRAPH_MODES, TrainStep, build_optimizer, resolve_compile_mode
+from okdfast.run.assemble import build_training
+from okdfast.run.step import INDUCTOR_GRAPH_MODES, TrainStep, resolve_compile_mode
+from okdfast.utils.distributed import DistInfo
 
 
 @pytest.mark.parametrize(
@@ -34,19 +37,14 @@ def test_unknown_compile_mode_is_refused():
         resolve_compile_mode("fast", False)
 
 
-def _step(**kwargs) -> TrainStep:
-    method = create_method("mde", "resnet8", 10, MethodConfig(num_branches=3))
-    device = torch.device("cpu")
-    optimizer = build_optimizer(
-        method.parameters(),
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        implementation="auto",
-        device=device,
+def _step(**settings) -> TrainStep:
+    """The MDE step as okdfast.train builds it (okdfast.run.assemble.build_training) from a config with
+    ``settings``."""
+    config = TrainConfig(method="mde", arch="resnet8", branches=3, device="cpu", **settings).resolve_speed_defaults(
+        "cpu"
     )
-    return TrainStep(method, method, optimizer, None, device=device, amp_dtype=None, **kwargs)
+    method = create_method("mde", "resnet8", 10, MethodConfig(num_branches=3))
+    return build_training(config, method, method, None, DistInfo(), torch.device("cpu"))[3]
 
 
 def test_cuda_graphs_are_refused_on_the_cpu():
@@ -55,7 +53,7 @@ def test_cuda_graphs_are_refused_on_the_cpu():
 
 
 def test_inductor_graph_modes_only_count_on_cuda():
-    step = _step(compile_mode="reduce-overhead")
+    step = _step(compile="reduce-overhead")
     assert step.compiled and not step.inductor_graphs  # CPU: Inductor has no CUDA graphs to replay
     assert step.describe() == "compile reduce-overhead"
     assert _step().describe() == "eager"
@@ -63,7 +61,7 @@ def test_inductor_graph_modes_only_count_on_cuda():
 
 def test_eager_step_trains():
     torch.manual_seed(0)
-    step = _step(full_batch=4)
+    step = _step(batch_size=4)
     before = [p.detach().clone() for p in step.method.parameters()]
     total, terms = step(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]), torch.tensor(1.0))
     assert torch.isfinite(total) and {"ce", "kd"} <= set(terms)

@@ -17,8 +17,8 @@ import torch
 from okdfast.config import TrainConfig, parse_config
 from okdfast.data import DatasetNotFoundError
 from okdfast.evaluate import main as evaluate_main
+from okdfast.run.checkpoint_file import atomic_save, safe_load
 from okdfast.train import main, run
-from okdfast.utils.checkpoint import atomic_save, safe_load
 
 REPO = Path(__file__).resolve().parents[1]
 

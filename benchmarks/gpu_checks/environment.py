@@ -32,7 +32,7 @@ REQUIRED: dict[str, str] = {
     "torchvision": "the reference trainer's transforms, CIFAR's downloaders",
     "PIL": "JPEG decoding (full_run decode, cifar10-jpeg.npz)",
     "yaml": "okdfast.config (every training run)",
-    "tqdm": "okdfast.progress",
+    "tqdm": "okdfast.run.progress",
     "matplotlib": "the benchmarks' plots",
     "pytest": "the GPU test tier (visit2)",
 }

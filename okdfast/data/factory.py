@@ -34,13 +34,14 @@ import importlib.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from okdfast.data.arrays import ArrayDataset
 from okdfast.data.base import Delivery, PlannedLoader
 from okdfast.data.loader import EpochLoader
-from okdfast.data.plan import build_plans
+from okdfast.data.plan import EpochPlan, build_plans
 from okdfast.data.registry import DatasetSplits
 
 LOADERS = ("auto", "gpu", "dali", "ffcv", "torch")
@@ -119,9 +120,7 @@ def build_data_loaders(
     own unseeded flip/translate (not reproducible). verbose: print the choice of ``auto`` and cache writes.
     min_last_batch: a last training batch smaller than this is dropped (:func:`~okdfast.data.plan.build_plans`).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _delivery_device(device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype}: use torch.float32, torch.bfloat16 or torch.float16")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -139,48 +138,94 @@ def build_data_loaders(
         distributed=distributed,
         min_last_batch=min_last_batch,
     )
-    delivery = Delivery(device, channels_last, dtype)
-    pairs = ((splits.train, train_plan, "train"), (splits.test, test_plan, "test"))
-    mean, std = splits.mean, splits.std
-
+    parts = _Parts(splits, (train_plan, test_plan), Delivery(device, channels_last, dtype), num_workers)
     if name == "torch":
-        from okdfast.data.torch_loader import TorchLoader
-
-        options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
-        train, test = (TorchLoader(EpochLoader(ds, plan, mean, std, **options), delivery) for ds, plan, _ in pairs)
-        return train, test
+        return _torch_loaders(parts)
     if name == "gpu":
-        from okdfast.data.gpu_loader import GpuLoader
-
-        train, test = (GpuLoader(ds, plan, mean, std, delivery) for ds, plan, _ in pairs)
-        return train, test
+        return _gpu_loaders(parts)
     if name == "dali":
-        from okdfast.data.dali_loader import DaliLoader
-
-        use_files = splits.files is not None if dali_files is None else dali_files
-        if use_files and splits.files is None:
-            raise ValueError(f"dali_files=True: {splits.name} was not read from image files ({splits.source})")
-        threads = max(1, num_workers)
-        train, test = (
-            DaliLoader(ds, plan, mean, std, delivery, num_threads=threads, files=_files(splits, split, use_files))
-            for ds, plan, split in pairs
-        )
-        return train, test
+        return _dali_loaders(parts, dali_files)
     if name == "ffcv":
-        from okdfast.data.ffcv_loader import FfcvLoader, default_cache_dir, ensure_beton
-
-        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_dir)
-        loaders = []
-        for ds, plan, split in pairs:
-            beton = ensure_beton(ds, splits.name, split, folder)
-            native = ffcv_native_augment and split == "train"
-            loaders.append(
-                FfcvLoader(
-                    beton, len(ds), plan, mean, std, delivery, num_workers=max(1, num_workers), native_augment=native
-                )
-            )
-        return loaders[0], loaders[1]
+        return _ffcv_loaders(parts, cache_dir, data_dir, ffcv_native_augment)
     raise AssertionError(name)
+
+
+def _delivery_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device, a bare ``cuda`` made the current CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Parts(NamedTuple):
+    """What every loader back-end is built from: the data, the two epoch plans, the delivery, the workers."""
+
+    splits: DatasetSplits
+    plans: tuple[EpochPlan, EpochPlan]
+    delivery: Delivery
+    num_workers: int
+
+    def pairs(self) -> tuple[tuple[ArrayDataset, EpochPlan, str], ...]:
+        """(data set, plan, split name) of the train and the test split."""
+        return ((self.splits.train, self.plans[0], "train"), (self.splits.test, self.plans[1], "test"))
+
+
+def _torch_loaders(parts: _Parts) -> tuple[PlannedLoader, PlannedLoader]:
+    from okdfast.data.torch_loader import TorchLoader
+
+    splits, delivery = parts.splits, parts.delivery
+    options: dict[str, Any] = {"num_workers": parts.num_workers, "pin_memory": delivery.device.type == "cuda"}
+    mean, std = splits.mean, splits.std
+    train, test = (TorchLoader(EpochLoader(ds, plan, mean, std, **options), delivery) for ds, plan, _ in parts.pairs())
+    return train, test
+
+
+def _gpu_loaders(parts: _Parts) -> tuple[PlannedLoader, PlannedLoader]:
+    from okdfast.data.gpu_loader import GpuLoader
+
+    splits = parts.splits
+    train, test = (GpuLoader(ds, plan, splits.mean, splits.std, parts.delivery) for ds, plan, _ in parts.pairs())
+    return train, test
+
+
+def _dali_loaders(parts: _Parts, dali_files: bool | None) -> tuple[PlannedLoader, PlannedLoader]:
+    from okdfast.data.dali_loader import DaliLoader
+
+    splits = parts.splits
+    use_files = splits.files is not None if dali_files is None else dali_files
+    if use_files and splits.files is None:
+        raise ValueError(f"dali_files=True: {splits.name} was not read from image files ({splits.source})")
+    threads = max(1, parts.num_workers)
+    mean, std = splits.mean, splits.std
+    train, test = (
+        DaliLoader(ds, plan, mean, std, parts.delivery, num_threads=threads, files=_files(splits, split, use_files))
+        for ds, plan, split in parts.pairs()
+    )
+    return train, test
+
+
+def _ffcv_loaders(parts: _Parts, cache_dir, data_dir, native_augment: bool) -> tuple[PlannedLoader, PlannedLoader]:
+    from okdfast.data.ffcv_loader import FfcvLoader, default_cache_dir, ensure_beton
+
+    splits = parts.splits
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_dir)
+    loaders = []
+    for ds, plan, split in parts.pairs():
+        beton = ensure_beton(ds, splits.name, split, folder)
+        loaders.append(
+            FfcvLoader(
+                beton,
+                len(ds),
+                plan,
+                splits.mean,
+                splits.std,
+                parts.delivery,
+                num_workers=max(1, parts.num_workers),
+                native_augment=native_augment and split == "train",
+            )
+        )
+    return loaders[0], loaders[1]
 
 
 def _files(splits: DatasetSplits, split: str, use: bool) -> Iterable[Path] | None:

@@ -3,14 +3,8 @@ normalised from in-memory uint8 arrays by DataLoader workers, following an :clas
 (each batch travels to a worker as ``(indices, top, left, flip)`` and the worker only applies them; the DataLoader
 gets a private generator for its worker seeds, which nothing uses).
 
-Usage::
-
-    splits = load_dataset("cifar100")
-    train_loader, test_loader = build_loaders(splits, batch_size=128, seed=0)
-    for epoch in range(start_epoch, epochs):
-        train_loader.set_epoch(epoch)  # as with DistributedSampler: without it every epoch repeats epoch 0
-        for images, labels in train_loader:  # float32 (B, 3, 32, 32) normalised, int64 (B,), on the CPU
-            ...
+Built only by :func:`okdfast.data.factory.build_data_loaders` (``--loader torch``), which wraps it in
+:class:`~okdfast.data.torch_loader.TorchLoader` to bring its batches to the training device and layout.
 """
 
 from __future__ import annotations
@@ -21,8 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from okdfast.data.arrays import ArrayDataset
-from okdfast.data.plan import BatchPlan, EpochPlan, FollowsPlan, build_plans, check_int
-from okdfast.data.registry import DatasetSplits
+from okdfast.data.plan import BatchPlan, EpochPlan, FollowsPlan
 from okdfast.data.transforms import PADDING, crop_flip, gather, normalize
 
 
@@ -89,39 +82,3 @@ class EpochLoader(FollowsPlan):
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches without the repeat check (for a loader that wraps this one and checks itself)."""
         return iter(self._loader)
-
-
-def build_loaders(
-    splits: DatasetSplits,
-    *,
-    batch_size: int,
-    eval_batch_size: int | None = None,
-    num_workers: int = 2,
-    seed: int = 0,
-    augment: bool = True,
-    drop_last: bool = False,
-    pin_memory: bool | None = None,
-    distributed: tuple[int, int] | None = None,
-) -> tuple[EpochLoader, EpochLoader]:
-    """(train loader: shuffled, augmented; test loader: in order, normalised only).
-
-    eval_batch_size: test batch size (default ``batch_size``). drop_last: drop the last incomplete training batch.
-    pin_memory: default ``torch.cuda.is_available()``. distributed: ``(rank, world_size)``, see the module docstring.
-    """
-    check_int("num_workers", num_workers, 0)
-    train_plan, test_plan = build_plans(
-        splits,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        seed=seed,
-        augment=augment,
-        drop_last=drop_last,
-        distributed=distributed,
-    )
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    options = {"num_workers": num_workers, "pin_memory": pin_memory}
-    return (
-        EpochLoader(splits.train, train_plan, splits.mean, splits.std, **options),
-        EpochLoader(splits.test, test_plan, splits.mean, splits.std, **options),
-    )

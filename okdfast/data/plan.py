@@ -181,7 +181,8 @@ def build_plans(
     distributed: tuple[int, int] | None = None,
     min_last_batch: int = 1,
 ) -> tuple[EpochPlan, EpochPlan]:
-    """The (train, test) plans every loader follows, after checking the arguments (see :func:`build_loaders`).
+    """The (train, test) plans every loader follows, after checking the arguments (the loaders are built from them by
+    :func:`okdfast.data.factory.build_data_loaders`).
 
     ``min_last_batch``: a last training batch smaller than this is dropped (``drop_last`` for that data size only;
     the plan's ``dropped_per_epoch`` says how many images). The training loop passes 2: BatchNorm cannot train

@@ -17,10 +17,17 @@ from torch import Tensor, nn
 from okdfast.models import MultiBranchNet
 from okdfast.models.ffm import FFM_INPUTS
 from okdfast.models.grouped import BRANCH_IMPLS
-from okdfast.ops.dispatch import fused_enabled
+from okdfast.models.multibranch import MAX_BRANCHES
+from okdfast.ops.dispatch import FUSED_MODES, fused_enabled
 from okdfast.ops.online_kd import online_kd
-from okdfast.ops.online_kd_options import OnlineKDOptions, temperature_error
+from okdfast.ops.online_kd_options import (
+    DEFAULT_TEMPERATURE,
+    TEMPERATURE_RANGE,
+    OnlineKDOptions,
+    temperature_problem,
+)
 from okdfast.ops.reference import PREDICTION_CD_FORMS, WEIGHT_CD_FORMS
+from okdfast.utils.params import at_least, one_of, param, param_problems
 
 
 class MethodOutput(NamedTuple):
@@ -37,52 +44,92 @@ class LossTerms(NamedTuple):
 
 CD_FORMS = PREDICTION_CD_FORMS + WEIGHT_CD_FORMS  # MDE's --cd-form choices (docs/METHOD.md section 3)
 FFM_TARGETS = ("shared", "per-aux")
+KD_OFF = " (0 turns the KD terms off)"
+
+
+def _branch_count(value: int) -> str | None:
+    return None if 1 <= value <= MAX_BRANCHES else f"K must be between 2 and {MAX_BRANCHES} (1 only for baseline)"
 
 
 @dataclass
 class MethodConfig:
-    """Hyper-parameters of the online-KD methods (docs/METHOD.md sections 2-4)."""
+    """Hyper-parameters of the online-KD methods (docs/METHOD.md sections 2-4): each one's default, help text and
+    check, written once here (``okdfast.utils.params``); the run's config (``okdfast.config.TrainConfig``) takes
+    the same declarations for its flags."""
 
-    num_branches: int = 3
-    temperature: float = 3.0  # T
-    alpha: float = 1.0  # weight of the KD terms after ramp-up
-    rampup_epochs: float = 80.0  # L of the sigmoid ramp-up w(e)
-    detach_teacher: bool | None = None  # None: the method's reference-code default
-    cd_weight: float | None = None  # lambda_CD of MDE; None: the form's default (methods/mde.py CD_DEFAULT_WEIGHTS)
-    cd_form: str = "nontarget_corr"  # MDE's CD loss: nontarget_corr (per sample) | frobenius | abscos | cos2
-    ffm: bool = True  # MDE: the FFM target (False: the mean of the auxiliary branches)
-    ffm_input: str = "sum"  # MDE: what the FFM reads (models/ffm.py FFM_INPUTS)
-    ffm_temperature: float = 1.0  # MDE: tau of the FFM's attention softmax
-    ffm_targets: str = "shared"  # MDE: one target for all auxiliaries (shared) or one each (per-aux)
-    target_ce: float = 1.0  # MDE: weight of CE(target, y)
-    detach_leader_target: bool = True  # MDE: L_kl2 trains the leader only (False: the auxiliaries too, as OKDDip)
-    label_smoothing: float = 0.0
-    fused_loss: str = "auto"  # 'auto' | 'on' | 'off': the fused Triton op or the PyTorch reference
-    branch_impl: str = "auto"  # 'auto' | 'loop' | 'grouped': how the K branches run (okdfast/models/grouped.py)
+    num_branches: int = param(3, help="number of branches K", check=_branch_count)
+    temperature: float = param(
+        DEFAULT_TEMPERATURE,
+        help=f"temperature T of the distillation softmax, in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]",
+        check=temperature_problem,
+    )
+    alpha: float = param(
+        1.0, help="weight of the KD terms after the ramp-up (0 turns distillation off)", check=at_least(0, KD_OFF)
+    )
+    rampup_epochs: float = param(80.0, help="length L of the KD ramp-up w(e), in epochs", check=at_least(0))
+    detach_teacher: bool | None = param(
+        None, help="stop the gradient into KD targets (default: each method's reference-code choice)"
+    )
+    cd_weight: float | None = param(
+        None,
+        help="lambda_CD, the weight of mde's CD loss (default: the --cd-form's, okdfast/methods/mde.py; 0 turns it "
+        "off)",
+        check=at_least(0, " (0 turns the CD loss off)"),
+    )
+    cd_form: str = param(
+        "nontarget_corr",
+        help="mde's Classifier Diversification loss over pairs of auxiliary branches: nontarget_corr (per sample: "
+        "the correlation of their tempered non-target probabilities) | frobenius (sum ||W_i^T W_j||_F of the "
+        "classifier weights) | abscos (mean |cos|) | cos2 (mean cos^2); docs/METHOD.md section 3",
+        check=one_of(CD_FORMS),
+    )
+    ffm: bool = param(True, help="mde's FFM target (False: the mean of the auxiliary branches, an ablation)")
+    ffm_input: str = param(
+        "sum",
+        help="what mde's FFM reads: sum | concat of the auxiliaries' pooled features, +logits (their logits, "
+        "detached), or logits alone",
+        check=one_of(FFM_INPUTS),
+    )
+    ffm_temperature: float = param(
+        1.0, help="temperature tau of mde's FFM attention softmax (a = softmax(e / tau))", check=temperature_problem
+    )
+    ffm_targets: str = param(
+        "shared",
+        help="mde's FFM targets: shared (one target for every auxiliary) | per-aux (one each, (B, K-1, K-1))",
+        check=one_of(FFM_TARGETS),
+    )
+    target_ce: float = param(
+        1.0,
+        help="weight of CE(target, y), the FFM target's own cross-entropy in mde's loss",
+        check=at_least(0, " (0 drops CE(target, y))"),
+    )
+    detach_leader_target: bool = param(
+        True,
+        help="mde: detach the auxiliaries' mean that distils into the leader, so L_kl2 trains the leader only (our "
+        "reading); --no-detach-leader-target lets it train the auxiliaries too, as OKDDip's code does",
+    )
+    label_smoothing: float = param(
+        0.0,
+        help="label smoothing eps of every cross-entropy, in [0, 1]",
+        check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1], as in F.cross_entropy",
+    )
+    fused_loss: str = param(
+        "auto",
+        help="the online-KD loss: auto (the fused Triton op where it runs: CUDA) | on (the op; an error where it "
+        "cannot run) | off (the reference in plain PyTorch)",
+        check=one_of(FUSED_MODES),
+    )
+    branch_impl: str = param(
+        "auto",
+        help="how the K branches run: loop (one after another) | grouped (as one network: grouped convs, one BN and "
+        "one batched classifier over the K branches; same results) | auto (per device and arch, what "
+        "benchmarks/bench_branches.py measured faster; okdfast/models/grouped.py)",
+        check=one_of(BRANCH_IMPLS),
+    )
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_branches <= 8:
-            raise ValueError(f"num_branches={self.num_branches}: use 2..8 branches (1 only for 'baseline')")
-        for name in ("temperature", "ffm_temperature"):
-            message = temperature_error(getattr(self, name), name)
-            if message:
-                raise ValueError(message)
-        if self.rampup_epochs < 0:
-            raise ValueError(f"rampup_epochs={self.rampup_epochs}: must be >= 0")
-        if self.fused_loss not in ("auto", "on", "off"):
-            raise ValueError(f"fused_loss={self.fused_loss!r}: use 'auto', 'on' or 'off'")
-        if self.branch_impl not in BRANCH_IMPLS:
-            raise ValueError(f"branch_impl={self.branch_impl!r}: use one of {', '.join(BRANCH_IMPLS)}")
-        if self.cd_form not in CD_FORMS:
-            raise ValueError(f"cd_form={self.cd_form!r}: use one of {', '.join(CD_FORMS)}")
-        if self.ffm_input not in FFM_INPUTS:
-            raise ValueError(f"ffm_input={self.ffm_input!r}: use one of {', '.join(FFM_INPUTS)}")
-        if self.ffm_targets not in FFM_TARGETS:
-            raise ValueError(f"ffm_targets={self.ffm_targets!r}: use one of {', '.join(FFM_TARGETS)}")
-        if self.cd_weight is not None and not self.cd_weight >= 0:
-            raise ValueError(f"cd_weight={self.cd_weight}: must be >= 0")
-        if not self.target_ce >= 0:
-            raise ValueError(f"target_ce={self.target_ce}: must be >= 0")
+        for name, value, problem in param_problems(self):
+            raise ValueError(f"{name}={value!r}: {problem}")
 
 
 def sigmoid_rampup(epoch: float, length: float) -> float:

@@ -48,6 +48,9 @@ def triton_runs_on(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreter_requested()
 
 
+FUSED_MODES = ("auto", "on", "off")  # --fused-loss: where the fused op runs, always, never
+
+
 def use_triton(tensor: Tensor, *, float64: bool = False) -> bool:
     """Whether an op on ``tensor`` runs its Triton kernel. ``float64``: whether the op's kernel accepts float64
     (the loss kernels do, so gradcheck covers them; ops whose kernels do not leave float64 to PyTorch)."""
@@ -59,7 +62,7 @@ def use_triton(tensor: Tensor, *, float64: bool = False) -> bool:
 def fused_enabled(mode: str, where: Tensor | torch.device | str) -> bool:
     """The ``--fused-*`` flags: 'on' -> True, 'off' -> False, 'auto' -> where the Triton kernel runs (for the
     tensor's or the given device)."""
-    if mode not in ("auto", "on", "off"):
+    if mode not in FUSED_MODES:
         raise ValueError(f"fused mode {mode!r}: use 'auto', 'on' or 'off'")
     if mode == "auto":
         return triton_runs_on(where.device if isinstance(where, Tensor) else where)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from okdfast.ops.online_kd_options import (
+    DEFAULT_TEMPERATURE,
     FLOAT_DTYPES,
     OnlineKDOptions,
     check_shared_options,
@@ -27,7 +28,7 @@ from okdfast.ops.online_kd_options import (
 class MDEHeadOptions:
     """See :func:`okdfast.functional.mde_head_loss` for what each weight multiplies."""
 
-    temperature: float = 3.0  # T of the distillation softmax and of the prediction-space CD
+    temperature: float = DEFAULT_TEMPERATURE  # T of the distillation softmax and of the prediction-space CD
     attention_temperature: float = 1.0  # tau of the attention softmax a = softmax(attention_logits / tau)
     target_ce_weight: float = 1.0  # weight of CE(target, y) (the mean over the targets with per-auxiliary targets)
     kd_weight: float = 1.0  # weight of both distillation levels (times the device tensor kd_weight, when given)

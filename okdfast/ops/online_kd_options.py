@@ -25,6 +25,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # below the lower one z / T overflows for ordinary logits. The one home of the bound: the config, the method and the
 # op all check against it.
 TEMPERATURE_RANGE = (0.01, 100.0)
+DEFAULT_TEMPERATURE = 3.0  # T of the loss API and of every method (okdfast.methods.base.MethodConfig)
 
 
 def temperature_problem(value: object) -> str | None:
@@ -87,7 +88,7 @@ class OnlineKDOptions:
     """How the per-row terms are weighted and reduced; see :func:`okdfast.functional.online_kd_loss`."""
 
     mode: str = "ensemble"  # 'ensemble': branch k distils from its teacher | 'peer': from every other branch (DML)
-    temperature: float = 3.0  # T of the distillation softmax
+    temperature: float = DEFAULT_TEMPERATURE  # T of the distillation softmax
     ce_weight: float = 1.0  # weight of sum_k CE(z_k, y)
     kd_weight: float = 1.0  # weight of T^2 sum_k KL (times the device tensor kd_weight, when one is given)
     teacher_ce_weight: float = 0.0  # weight of the teachers' CE(t, y)

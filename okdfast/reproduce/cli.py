@@ -24,13 +24,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from okdfast.config import OneLineParser, read_yaml
 from okdfast.reproduce.estimate import Speed, SpeedBook, device_label, format_duration, run_device, run_seconds
 from okdfast.reproduce.plan import PlannedRun, build_plan, path_part
 from okdfast.reproduce.results import collect, readme_block, update_readme, write_results
 from okdfast.reproduce.runner import Interrupted, execute
-from okdfast.reproduce.tables import Catalog, Table, load_catalog
+from okdfast.reproduce.tables import Catalog, Schedule, Table, load_catalog
 
 REPO_README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -155,18 +156,8 @@ def plan_text(
     seconds: dict[int, float] = {}
     speed_of: dict[tuple[str, str], Speed | None] = {}
     if estimate:
-        device = run_device(runs[0].config)
-        lines.append(f"device: {device_label(device)}")
-        groups = {key: [r for r in runs if (r.method, r.arch) == key] for key in {(r.method, r.arch): 0 for r in runs}}
-        num_classes = image_counts(catalog, table, runs[0])[2]
-        report = lambda message: print(message, file=sys.stderr, flush=True)
-        book = SpeedBook(probe=probe, probe_seconds=probe_seconds, reference_dirs=table.speed_run_dirs)
-        speed_of = book.speeds(groups, num_classes, report)
-        load_seconds = float(catalog.datasets.get(table.sizes_key, {}).get("load_seconds", 0.0))
-        for run in runs:
-            train, test, _ = image_counts(catalog, table, run)
-            speed = speed_of.get((run.method, run.arch))
-            seconds[run.index] = run_seconds(run, speed, train, test, load_seconds=load_seconds)
+        lines.append(f"device: {device_label(run_device(runs[0].config))}")
+        seconds, speed_of = _estimated_seconds(catalog, table, runs, probe, probe_seconds)
     header = f"{'#':>3}  {'seed':>4}  {'method':12s} {'arch':14s} {'status':9s} {'epochs':>9s}"
     if estimate:
         header += f"  {'img/s':>8s}  {'estimate':>14s}  {'done by':>14s}  speed source"
@@ -178,50 +169,84 @@ def plan_text(
             f"{f'{run.epochs_done}/{run.config.epochs}':>9s}"
         )
         if estimate:
-            speed = speed_of.get((run.method, run.arch))
             if not math.isnan(seconds[run.index]):
                 elapsed += seconds[run.index]
-            done_by = format_duration(elapsed) if run.status != "finished" else "-"
-            if budget_minutes is not None and run.status != "finished" and elapsed > budget_minutes * 60:
-                done_by += " (over)"
-            ips = f"{speed.images_per_sec:8.1f}" if speed is not None else f"{'-':>8s}"
-            source = f"{speed.source}: {speed.detail}" if speed is not None else "-"
-            line += f"  {ips}  {format_duration(seconds[run.index]):>14s}  {done_by:>14s}  {source}"
+            line += _estimate_columns(run, speed_of.get((run.method, run.arch)), seconds[run.index], elapsed,
+                                      budget_minutes)  # fmt: skip
         lines.append(line)
     if estimate:
-        total = sum(s for s in seconds.values() if not math.isnan(s))
-        unknown = sum(math.isnan(s) for s in seconds.values())
-        lines.append(
-            f"total: {format_duration(total)} of device time for the unfinished runs, one after another"
-            + (f" ({unknown} runs without a speed: --probe none)" if unknown else "")
-        )
-        if jobs > 1:
-            lines.append(
-                f"with --jobs {jobs}: between {format_duration(total / jobs)} and {format_duration(total)} of wall "
-                "time (runs on one device slow each other down; how much is measured only by running them)"
-            )
-        if budget_minutes is not None:
-            unfinished = [seconds[r.index] for r in runs if r.status != "finished"]
-            finish_times = itertools.accumulate(0.0 if math.isnan(s) else s for s in unfinished)
-            fit = sum(t <= budget_minutes * 60 for t in finish_times)
-            lines.append(
-                f"time budget {budget_minutes:g} min: about {fit} of the {len(unfinished)} unfinished runs finish in "
-                "it, one after another; the run going at the deadline is checkpointed and resumes next time"
-            )
-        if total > CPU_REASONABLE_S and runs and run_device(runs[0].config).type != "cuda":
-            lines.append(
-                f"this table needs a GPU: {format_duration(total)} one run after another on this "
-                f"{device_label(run_device(runs[0].config))} is "
-                "not a reasonable time (--schedule short, --seeds 1 or --methods shorten it); no GPU speed is "
-                "measured here, so no GPU estimate is printed"
-            )
-        lines.append(
-            "estimate: remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up per run; "
-            "speed sources: runs = images/s logged by earlier runs in OUT; probe = timed training steps on random "
-            "tensors now (eager, no data loading; nothing is written); probe x FLOPs = one probe per arch, "
-            "scaled by each method's counted training FLOPs (okdfast/reproduce/estimate.py)"
-        )
+        lines += _estimate_totals(runs, seconds, jobs, budget_minutes)
     return "\n".join(lines)
+
+
+def _estimated_seconds(
+    catalog: Catalog, table: Table, runs: list[PlannedRun], probe: str, probe_seconds: float | None
+) -> tuple[dict[int, float], dict[tuple[str, str], Speed | None]]:
+    """Each run's estimated seconds (NaN without a speed), and the speed of each (method, arch)."""
+    groups = {key: [r for r in runs if (r.method, r.arch) == key] for key in {(r.method, r.arch): 0 for r in runs}}
+    num_classes = image_counts(catalog, table, runs[0])[2]
+    report = lambda message: print(message, file=sys.stderr, flush=True)
+    book = SpeedBook(probe=probe, probe_seconds=probe_seconds, reference_dirs=table.speed_run_dirs)
+    speed_of = book.speeds(groups, num_classes, report)
+    load_seconds = float(catalog.datasets.get(table.sizes_key, {}).get("load_seconds", 0.0))
+    seconds = {}
+    for run in runs:
+        train, test, _ = image_counts(catalog, table, run)
+        seconds[run.index] = run_seconds(run, speed_of.get((run.method, run.arch)), train, test,
+                                         load_seconds=load_seconds)  # fmt: skip
+    return seconds, speed_of
+
+
+def _estimate_columns(
+    run: PlannedRun, speed: Speed | None, seconds: float, elapsed: float, budget_minutes: float | None
+) -> str:
+    """A plan line's speed, estimate, done-by and speed-source columns."""
+    done_by = format_duration(elapsed) if run.status != "finished" else "-"
+    if budget_minutes is not None and run.status != "finished" and elapsed > budget_minutes * 60:
+        done_by += " (over)"
+    ips = f"{speed.images_per_sec:8.1f}" if speed is not None else f"{'-':>8s}"
+    source = f"{speed.source}: {speed.detail}" if speed is not None else "-"
+    return f"  {ips}  {format_duration(seconds):>14s}  {done_by:>14s}  {source}"
+
+
+def _estimate_totals(
+    runs: list[PlannedRun], seconds: dict[int, float], jobs: int, budget_minutes: float | None
+) -> list[str]:
+    """The plan's closing lines: the total, with --jobs, within the time budget, whether it needs a GPU, how it
+    was estimated."""
+    total = sum(s for s in seconds.values() if not math.isnan(s))
+    unknown = sum(math.isnan(s) for s in seconds.values())
+    lines = [
+        f"total: {format_duration(total)} of device time for the unfinished runs, one after another"
+        + (f" ({unknown} runs without a speed: --probe none)" if unknown else "")
+    ]
+    if jobs > 1:
+        lines.append(
+            f"with --jobs {jobs}: between {format_duration(total / jobs)} and {format_duration(total)} of wall "
+            "time (runs on one device slow each other down; how much is measured only by running them)"
+        )
+    if budget_minutes is not None:
+        unfinished = [seconds[r.index] for r in runs if r.status != "finished"]
+        finish_times = itertools.accumulate(0.0 if math.isnan(s) else s for s in unfinished)
+        fit = sum(t <= budget_minutes * 60 for t in finish_times)
+        lines.append(
+            f"time budget {budget_minutes:g} min: about {fit} of the {len(unfinished)} unfinished runs finish in "
+            "it, one after another; the run going at the deadline is checkpointed and resumes next time"
+        )
+    if total > CPU_REASONABLE_S and runs and run_device(runs[0].config).type != "cuda":
+        lines.append(
+            f"this table needs a GPU: {format_duration(total)} one run after another on this "
+            f"{device_label(run_device(runs[0].config))} is "
+            "not a reasonable time (--schedule short, --seeds 1 or --methods shorten it); no GPU speed is "
+            "measured here, so no GPU estimate is printed"
+        )
+    lines.append(
+        "estimate: remaining epochs x (train images / speed + test images / (3 x speed)) + 10 s start-up per run; "
+        "speed sources: runs = images/s logged by earlier runs in OUT; probe = timed training steps on random "
+        "tensors now (eager, no data loading; nothing is written); probe x FLOPs = one probe per arch, "
+        "scaled by each method's counted training FLOPs (okdfast/reproduce/estimate.py)"
+    )
+    return lines
 
 
 CPU_REASONABLE_S = 24 * 3600  # a dry run on a CPU says "needs a GPU" above a day of runs
@@ -269,9 +294,21 @@ def references_for_plot(table: Table) -> dict[str, dict[str, float]]:
     return refs
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+class _Request(NamedTuple):
+    """What the command line asks for, checked: the table, its schedule, the runs to do now and the whole plan."""
+
+    args: argparse.Namespace
+    catalog: Catalog
+    table: Table
+    schedule: Schedule
+    out: Path
+    runs: list[PlannedRun]
+    whole: list[PlannedRun]
+    command: str
+
+
+def _request(parser: argparse.ArgumentParser, argv: list[str]) -> _Request | None:
+    """The checked request (a bad one exits through ``parser.error``); None after ``--list-tables`` printed."""
     args, extra = parser.parse_known_args(argv)
     try:
         catalog = read_catalog(args.data_file)
@@ -279,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data-file: {error}")
     if args.list_tables:
         print(list_tables(catalog))
-        return 0
+        return None
     if not args.table:
         parser.error("--table is required (python -m okdfast.reproduce --list-tables)")
     if (args.seeds is not None and args.seeds < 1) or args.jobs < 1:
@@ -294,76 +331,41 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--data-file {catalog.path}: {error}")
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / out_name
-    seeds = args.seeds if args.seeds is not None else table.seeds
+    seeds = list(range(args.seeds if args.seeds is not None else table.seeds))
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()] if text else None
     try:
-        runs = build_plan(
-            catalog,
-            table,
-            schedule,
-            seeds=list(range(seeds)),
-            out=out,
-            extra_args=extra,
-            methods=split(args.methods),
-            archs=split(args.archs),
-        )
+        runs = build_plan(catalog, table, schedule, seeds=seeds, out=out, extra_args=extra,
+                          methods=split(args.methods), archs=split(args.archs))  # fmt: skip
         # results.md always shows the whole table; --methods/--archs only choose what runs now
-        whole = build_plan(catalog, table, schedule, seeds=list(range(seeds)), out=out, extra_args=extra)
+        whole = build_plan(catalog, table, schedule, seeds=seeds, out=out, extra_args=extra)
     except ValueError as error:
         parser.error(str(error))
     command = shlex.join(["python", "-m", "okdfast.reproduce", *argv])
+    return _Request(args, catalog, table, schedule, out, runs, whole, command)
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    request = _request(build_parser(), argv)
+    if request is None:
+        return 0
+    args, catalog, table, schedule, out, runs = request[:6]
     if args.dry_run:
         print(data_line(runs))
-        print(
-            plan_text(
-                catalog,
-                table,
-                runs,
-                out,
-                schedule_name=schedule.name,
-                estimate=True,
-                probe=args.probe,
-                probe_seconds=args.probe_seconds,
-                budget_minutes=args.time_budget,
-                jobs=args.jobs,
-            )
-        )
+        print(plan_text(catalog, table, runs, out, schedule_name=schedule.name, estimate=True, probe=args.probe,
+                        probe_seconds=args.probe_seconds, budget_minutes=args.time_budget, jobs=args.jobs))  # fmt: skip
         return 0
-
-    outcomes = []
+    outcomes: list = []
     interrupted = False
     if not args.report_only:
-        print(
-            plan_text(
-                catalog,
-                table,
-                runs,
-                out,
-                schedule_name=schedule.name,
-                estimate=False,
-                probe="none",
-                budget_minutes=None,
-                jobs=args.jobs,
-            ),
-            flush=True,
-        )
+        print(plan_text(catalog, table, runs, out, schedule_name=schedule.name, estimate=False, probe="none",
+                        budget_minutes=None, jobs=args.jobs), flush=True)  # fmt: skip
         deadline = time.monotonic() + 60.0 * args.time_budget if args.time_budget is not None else None
         try:
             outcomes = execute(runs, jobs=args.jobs, deadline=deadline, report=lambda m: print(m, flush=True))
         except Interrupted as stop:  # the runs are checkpointed: write what is finished, then exit 130
             outcomes, interrupted = stop.outcomes, True
-
-    results = collect(table, whole)
-    plots: list[Path] = []
-    if not args.no_plots:
-        plots = make_plots(table, results, out)
-    md_path, csv_path = write_results(out, table, schedule, results, catalog, command=command, plots=plots)
-    print(f"wrote {md_path} and {csv_path}")
-    if args.update_readme:
-        readme = Path(args.update_readme)
-        update_readme(readme, readme_block(table, schedule, results, catalog, readme=readme, out=out))
-        print(f"updated the results section of {readme}")
+    _write_reports(request)
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.result] = counts.get(outcome.result, 0) + 1
@@ -375,6 +377,21 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
     return 1 if any(o.result == "failed" for o in outcomes) else 0
+
+
+def _write_reports(request: _Request) -> None:
+    """results.md, results.csv and the plots of the whole table, and the README's block when asked."""
+    args, catalog, table, schedule, out = request.args, request.catalog, request.table, request.schedule, request.out
+    results = collect(table, request.whole)
+    plots: list[Path] = []
+    if not args.no_plots:
+        plots = make_plots(table, results, out)
+    md_path, csv_path = write_results(out, table, schedule, results, catalog, command=request.command, plots=plots)
+    print(f"wrote {md_path} and {csv_path}")
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        update_readme(readme, readme_block(table, schedule, results, catalog, readme=readme, out=out))
+        print(f"updated the results section of {readme}")
 
 
 def make_plots(table: Table, results: list, out: Path) -> list[Path]:

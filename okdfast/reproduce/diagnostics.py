@@ -1,6 +1,6 @@
 """The "Mechanism diagnostics" section of results.md: what each mechanism acts on, per row of a table, at the last
 epoch (mean ± sample std over the finished seeds), so that a row and its ablation compare the quantity the
-mechanism is meant to move (issue 19; the keys are logged by okdfast.evaluation and okdfast.methods, and
+mechanism is meant to move (issue 19; the keys are logged by okdfast.run.scoring and okdfast.methods, and
 okdfast.plot draws them per epoch).
 """
 

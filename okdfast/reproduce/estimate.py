@@ -142,8 +142,8 @@ def training_flops_per_image(config: TrainConfig, num_classes: int) -> float:
     the meta device: no memory, no compute, well under a second."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from okdfast.assemble import method_config
     from okdfast.methods import create_method
+    from okdfast.run.assemble import method_config
 
     with torch.device("meta"):
         method = create_method(config.method, config.arch, num_classes, method_config(config))
@@ -159,9 +159,9 @@ def probe_speed(
     config: TrainConfig, num_classes: int, *, probe_seconds: float | None = None, max_steps: int = 20
 ) -> tuple[float, str]:
     """Times the training step of ``config``'s method and arch on random tensors; returns (images/s, detail)."""
-    from okdfast.assemble import method_config
     from okdfast.methods import create_method
-    from okdfast.precision import resolve_amp
+    from okdfast.run.assemble import method_config
+    from okdfast.run.precision import resolve_amp
 
     device = run_device(config)
     resolved = config.resolve_speed_defaults(device.type)

@@ -1,6 +1,6 @@
 """Paired per-image statistics of two table rows tested on the same images: is row A's error really lower than B's?
 
-Each finished run's ``predictions.npz`` (okdfast/predictions.py) gives, per test image, whether a column of the run
+Each finished run's ``predictions.npz`` (okdfast/run/predictions.py) gives, per test image, whether a column of the run
 (the ensemble, the method's head, the branch mean, one branch) is wrong. Two rows (cells of one architecture) are
 compared on the images both were tested on, seed s of A with seed s of B (a seed only one row has is dropped, and
 the comparison says so). Numbers are top-1 error in points; the difference is A - B (negative: A errs less).
@@ -171,7 +171,7 @@ class SeedRun:
 def run_errors(run: SeedRun, column: str) -> tuple[np.ndarray, np.ndarray] | str:
     """(image_index (N,) sorted, error per image (N,): bool, or a fraction for the branch mean) of a run's column,
     or why there is none ('no per-image predictions', 'predictions.npz is from epoch 3, the run's last is 9', ...)."""
-    from okdfast.predictions import PREDICTIONS_FILE, read_predictions
+    from okdfast.run.predictions import PREDICTIONS_FILE, read_predictions
 
     try:
         arrays = read_predictions(run.run_dir)

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from okdfast.config import TrainConfig, build_parser, parse_config, read_yaml
-from okdfast.recipe import SESSION_FIELDS, TUNABLE_FIELDS, is_unset, same_value
+from okdfast.config.recipe import SESSION_FIELDS, TUNABLE_FIELDS, is_unset, same_value
 from okdfast.reproduce.tables import Catalog, Schedule, Table
 from okdfast.utils.metrics_log import read_rows
 
 # Flags the runner sets per run; extra train flags may not set them.
 MANAGED = ("method", "arch", "dataset", "seed", "out", "resume")
 # Config values a run folder must share with the plan to count as the same run (else: refuse, name the field):
-# the whole recipe (okdfast.recipe), and the seed.
+# the whole recipe (okdfast.config.recipe), and the seed.
 IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in SESSION_FIELDS | TUNABLE_FIELDS)
 
 

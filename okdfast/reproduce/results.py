@@ -6,7 +6,7 @@ as the papers report them: the branch mean (mean of the K branch errors) and, in
 mean of the branches' softmax), at the last epoch; mean ± sample std over the finished seeds. "last vs best"
 sets the last epoch against the best epoch of each run (the best branch-mean test accuracy over the epochs, the
 number some papers report; it picks the epoch on the test set, so the last epoch is the honest one). The seeds
-of a cell are pooled only when their stored configs are equal in everything but the seed (okdfast.recipe).
+of a cell are pooled only when their stored configs are equal in everything but the seed (okdfast.config.recipe).
 A table that declares ``paired`` comparisons also gets the section "Paired per-image comparisons" in results.md
 and their numbers in paired.csv (one row per comparison: okdfast.reproduce.paired), from each run's
 predictions.npz; the README block then states the resolution they measured.
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 import okdfast.reproduce.paired as paired
-from okdfast.recipe import pooling_differences, pooling_key
+from okdfast.config.recipe import pooling_differences, pooling_key
 from okdfast.reproduce.diagnostics import diagnostics_lines
 from okdfast.reproduce.plan import PlannedRun
 from okdfast.reproduce.tables import Catalog, Cell, Schedule, Table
@@ -173,7 +173,7 @@ def _stored_config(run: PlannedRun) -> dict[str, Any]:
 
 
 def _pool_equal_configs(result: CellResult) -> None:
-    """Keep in ``finished`` only runs equal in everything but the seed (okdfast.recipe.pooling_key): the largest
+    """Keep in ``finished`` only runs equal in everything but the seed (okdfast.config.recipe.pooling_key): the largest
     such group (the first seed's on a tie); the others move to ``unpooled`` with the fields that differ."""
     configs = {r.run.index: _stored_config(r.run) for r in result.finished}
     groups: dict[str, list[RunResult]] = {}

@@ -53,7 +53,7 @@ class Outcome:
 
 def stdout_log(run: PlannedRun) -> Path:
     """Where a run's process output goes: OUT/logs/<run>.log, beside the run folder, which holds only what
-    okdfast.train writes (okdfast/run_folder.py)."""
+    okdfast.train writes (okdfast/run/folder.py)."""
     return run.run_dir.parent / "logs" / f"{run.name}.log"
 
 

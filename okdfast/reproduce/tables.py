@@ -167,47 +167,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     tables: dict[str, Table] = {}
     for name, t in data["tables"].items():
         table_sources = sources | {key: value["cite"] for key, value in t.get("sources", {}).items()}
-        paper = t.get("paper") or {}
-        grid = {f"{m}/{a}" for a in t["archs"] for m in t["methods"]}
-        unknown = sorted(set(paper) - grid)
-        if unknown:
-            raise ValueError(f"{path}: table {name}: paper numbers for {unknown}, which are not cells of its grid")
-        cells = []
-        for arch in t["archs"]:
-            for method in t["methods"]:
-                refs = []
-                for entry in paper.get(f"{method}/{arch}", []):
-                    if entry["source"] not in table_sources:
-                        raise ValueError(f"{path}: table {name}: unknown source {entry['source']!r}")
-                    refs.append(
-                        Reference(
-                            source=entry["source"],
-                            cite=table_sources[entry["source"]],
-                            branch_mean=_float_or_none(entry, "branch_mean"),
-                            ensemble=_float_or_none(entry, "ensemble"),
-                            value=_float_or_none(entry, "value"),
-                            std=_float_or_none(entry, "std"),
-                        )
-                    )
-                cells.append(Cell(method, arch, tuple(refs)))
-        tables[name] = Table(
-            name=name,
-            title=t.get("title", name),
-            dataset=t["dataset"],
-            methods=list(t["methods"]),
-            archs=list(t["archs"]),
-            cells=cells,
-            train=dict(t.get("train", {})),
-            notes=[" ".join(str(n).split()) for n in t.get("notes", [])],
-            no_paper=t.get("no_paper", NOT_IN_METHOD),
-            test_only=bool(t.get("test_only", False)),
-            data_file=t.get("data_file"),
-            default_schedule=t.get("default_schedule", "paper"),
-            description=" ".join(str(t.get("description", "")).split()),
-            paired=_paired(t.get("paired"), list(t["methods"]), f"{path}: table {name}"),
-            seeds=int(t.get("seeds", 3)),
-            speed_runs=tuple(t.get("speed_runs", [])),
-        )
+        tables[name] = _table(name, t, table_sources, f"{path}: table {name}")
         unknown_rows = [m for m in t["methods"] if m not in variants and not _is_method(m)]
         if unknown_rows:
             raise ValueError(f"{path}: table {name}: rows {unknown_rows} are neither methods nor variants")
@@ -221,6 +181,52 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         datasets={name: dict(values) for name, values in data.get("datasets", {}).items()},
         path=path,
         variants=variants,
+    )
+
+
+def _table(name: str, t: dict[str, Any], sources: dict[str, str], where: str) -> Table:
+    """One table of the data file, its cells and their paper numbers checked against its grid and ``sources``."""
+    paper = t.get("paper") or {}
+    grid = {f"{m}/{a}" for a in t["archs"] for m in t["methods"]}
+    unknown = sorted(set(paper) - grid)
+    if unknown:
+        raise ValueError(f"{where}: paper numbers for {unknown}, which are not cells of its grid")
+    cells = [
+        Cell(method, arch, tuple(_reference(entry, sources, where) for entry in paper.get(f"{method}/{arch}", [])))
+        for arch in t["archs"]
+        for method in t["methods"]
+    ]
+    return Table(
+        name=name,
+        title=t.get("title", name),
+        dataset=t["dataset"],
+        methods=list(t["methods"]),
+        archs=list(t["archs"]),
+        cells=cells,
+        train=dict(t.get("train", {})),
+        notes=[" ".join(str(n).split()) for n in t.get("notes", [])],
+        no_paper=t.get("no_paper", NOT_IN_METHOD),
+        test_only=bool(t.get("test_only", False)),
+        data_file=t.get("data_file"),
+        default_schedule=t.get("default_schedule", "paper"),
+        description=" ".join(str(t.get("description", "")).split()),
+        paired=_paired(t.get("paired"), list(t["methods"]), where),
+        seeds=int(t.get("seeds", 3)),
+        speed_runs=tuple(t.get("speed_runs", [])),
+    )
+
+
+def _reference(entry: dict[str, Any], sources: dict[str, str], where: str) -> Reference:
+    """One published number of a cell, its source checked."""
+    if entry["source"] not in sources:
+        raise ValueError(f"{where}: unknown source {entry['source']!r}")
+    return Reference(
+        source=entry["source"],
+        cite=sources[entry["source"]],
+        branch_mean=_float_or_none(entry, "branch_mean"),
+        ensemble=_float_or_none(entry, "ensemble"),
+        value=_float_or_none(entry, "value"),
+        std=_float_or_none(entry, "std"),
     )
 
 

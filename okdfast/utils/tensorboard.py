@@ -10,7 +10,7 @@ numeric column of the per-epoch row becomes a scalar at step = epoch, grouped by
 
 The loss terms are also written per step, under ``RUN_DIR/tensorboard/steps`` (TensorBoard lists it as a run of its
 own, ``<run>/tensorboard/steps``): ``train_step/<term>`` at step = the global optimizer step, every
-``okdfast.progress.TENSORBOARD_EVERY`` steps, the mean over those steps (summed on the device: one host sync per
+``okdfast.run.progress.TENSORBOARD_EVERY`` steps, the mean over those steps (summed on the device: one host sync per
 point, none per step). Two event files, because TensorBoard's purge works on one step axis per file.
 
 A resumed run reopens the writers with ``purge_step`` = the first epoch (the first step) it will redo, so

@@ -2,7 +2,7 @@
 it starts (config, environment, session, the header of train.log) and its summary when it ends.
 
 ``okdfast.train`` builds a Training in its set-up and passes it through the epoch loop; the files themselves are
-written by :class:`okdfast.run_folder.RunFolder`.
+written by :class:`okdfast.run.folder.RunFolder`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from okdfast.assemble import data_record, resolved_config, tail_notes
-from okdfast.checkpointing import RunState, checkpoint_payload
 from okdfast.config import TrainConfig
-from okdfast.epoch import best_of
 from okdfast.methods import Method, MethodConfig
 from okdfast.ops.dispatch import fused_enabled
-from okdfast.precision import amp_notes
-from okdfast.resume import Start
-from okdfast.run_folder import RunFolder, record_start
-from okdfast.step import TrainStep
+from okdfast.run.assemble import data_record, resolved_config, tail_notes
+from okdfast.run.checkpoint_contents import RunState, checkpoint_payload
+from okdfast.run.epoch import best_of
+from okdfast.run.folder import RunFolder, record_start
+from okdfast.run.precision import amp_notes
+from okdfast.run.resume import Start
+from okdfast.run.step import TrainStep
 from okdfast.utils.distributed import DistInfo, parameter_divergence
 from okdfast.utils.environment import environment_manifest
 from okdfast.utils.nan_guard import NonFiniteGuard
@@ -32,7 +32,7 @@ from okdfast.utils.tensorboard import open_tensorboard
 class Training:
     config: TrainConfig  # every default made concrete
     mcfg: MethodConfig
-    start: Start  # what this start is (okdfast.resume): new run or continuation, the checkpoint, the folder
+    start: Start  # what this start is (okdfast.run.resume): new run or continuation, the checkpoint, the folder
     dist_info: DistInfo
     device: torch.device
     amp_dtype: torch.dtype | None

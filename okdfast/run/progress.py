@@ -257,7 +257,7 @@ class RunProgress:
 
     @classmethod
     def of(cls, t: Any) -> RunProgress:
-        """The progress of an ``okdfast.training.Training``; says where --tensorboard writes and how to open it."""
+        """The progress of an ``okdfast.run.state.Training``; says where --tensorboard writes and how to open it."""
         if t.tensorboard is not None:
             t.log(t.tensorboard.where())
         return cls(t.config, steps_per_epoch=len(t.train_loader), global_step=t.state.global_step,

@@ -21,7 +21,7 @@ from okdfast.config import TrainConfig
 from okdfast.data import DatasetSplits
 from okdfast.errors import CheckpointError, DataError
 from okdfast.methods import Method
-from okdfast.utils.checkpoint import nonfinite_tensors
+from okdfast.run.checkpoint_file import nonfinite_tensors
 from okdfast.utils.seeding import capture_rng_state, restore_rng_state
 
 CHECKPOINT_FORMAT = 2
@@ -177,7 +177,7 @@ def restore_checkpoint(
     scaler: torch.amp.GradScaler | None,
     where: str,
 ) -> RunState:
-    """Load ``payload`` (from :func:`okdfast.utils.checkpoint.load_checkpoint`) into the run's objects."""
+    """Load ``payload`` (from :func:`okdfast.run.checkpoint_file.load_checkpoint`) into the run's objects."""
     load_weights(payload, method, where)
     try:
         state = RunState(**payload["state"])

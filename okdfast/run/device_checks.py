@@ -8,9 +8,9 @@ import torch
 
 from okdfast.config import TrainConfig
 from okdfast.errors import ConfigError
-from okdfast.evaluation import batch_sums, metrics_from_sums
 from okdfast.methods import Method
 from okdfast.ops.dispatch import triton_available, triton_runs_on
+from okdfast.run.scoring import batch_sums, metrics_from_sums
 
 
 def check_for_device(config: TrainConfig, device: torch.device, world_size: int) -> None:
@@ -36,7 +36,7 @@ def check_for_device(config: TrainConfig, device: torch.device, world_size: int)
 
 @torch.no_grad()
 def metric_names(method: Method, device: torch.device) -> list[str]:
-    """The test metrics ``okdfast.evaluation.evaluate`` reports for this method (from one eval-mode forward of two
+    """The test metrics ``okdfast.run.scoring.evaluate`` reports for this method (from one eval-mode forward of two
     blank images: no RNG drawn, no statistics updated)."""
     was_training = method.training
     method.eval()

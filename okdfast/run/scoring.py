@@ -160,24 +160,20 @@ def prediction_arrays(batches: list[dict[str, Tensor]]) -> dict[str, Any]:
 def evaluate(
     method: Method,
     loader: Iterable[tuple[Tensor, Tensor]],
-    device: torch.device,
     *,
     autocast: Any = None,
-    channels_last: bool = False,
     predictions: list[dict[str, Tensor]] | None = None,
 ) -> dict[str, float]:
     """Top-1 of every branch, branch mean, ensemble and heads, diversity and the mechanism diagnostics; sums
-    all-reduced across ranks. ``predictions``: a list that receives each batch's argmax of every branch, the ensemble
-    and every head, on the CPU (:func:`prediction_arrays` joins them; the caller's rank's test images)."""
+    all-reduced across ranks. ``loader``: a test loader of :func:`okdfast.data.build_data_loaders`, which
+    delivers its batches on the method's device and in its memory format (no copy here). ``predictions``: a list
+    that receives each batch's argmax of every branch, the ensemble and every head, on the CPU
+    (:func:`prediction_arrays` joins them; the caller's rank's test images)."""
     was_training = method.training
     method.eval()
     total: dict[str, Tensor] | None = None
     head_names: list[str] = []
-    for images, target in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = target.to(device, non_blocking=True)
+    for images, target in loader:  # delivered on the method's device, in its memory format
         with autocast or nullcontext():
             output = method(images)
             heads = method.heads(output)

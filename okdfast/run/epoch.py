@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from okdfast.checkpointing import RunState
 from okdfast.config import TrainConfig
 from okdfast.methods import Method
-from okdfast.progress import EpochProgress
-from okdfast.signals import StopRequested, should_stop
-from okdfast.step import TrainStep
+from okdfast.run.checkpoint_contents import RunState
+from okdfast.run.progress import EpochProgress
+from okdfast.run.signals import StopRequested, should_stop
+from okdfast.run.step import TrainStep
 from okdfast.utils.distributed import DistInfo
 from okdfast.utils.nan_guard import NonFiniteGuard
 
@@ -50,11 +50,7 @@ def train_one_epoch(
     scaler = step.scaler
     start = time.perf_counter()
     interrupted = False
-    for images, target in progress.wrap(batches):
-        images = images.to(device, non_blocking=True)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = target.to(device, non_blocking=True)
+    for images, target in progress.wrap(batches):  # delivered by the loader: on `device`, in the run's layout
         scale_before = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
         total, terms = step(images, target, kd_weight_t)
         terms = {"loss": total.detach(), **terms}

@@ -7,6 +7,7 @@ reproduction planner (``okdfast.reproduce.estimate``) and ``okdfast.evaluate`` b
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,31 +16,19 @@ from torch import nn
 from okdfast.config import TrainConfig
 from okdfast.data import DatasetSplits
 from okdfast.methods import Method, MethodConfig, create_method, method_class
-from okdfast.step import TrainStep, build_optimizer
+from okdfast.run.step import TrainStep, build_optimizer
 from okdfast.utils.distributed import DistInfo
 from okdfast.utils.sync_batchnorm import convert_sync_batchnorm
 
 
 def method_config(config: TrainConfig) -> MethodConfig:
-    """The method's hyper-parameters from the run's config (the method's default K when --branches is unset)."""
+    """The method's hyper-parameters from the run's config: every MethodConfig field the run's config carries under
+    the same name (declared once, in MethodConfig), K (the method's default when --branches is unset), the ramp-up
+    scaled to the epochs, and --ffm on/off as a bool."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(MethodConfig) if hasattr(config, f.name)}
     branches = config.branches if config.branches is not None else method_class(config.method).default_branches
     return MethodConfig(
-        num_branches=branches,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        rampup_epochs=config.resolved_rampup(),
-        detach_teacher=config.detach_teacher,
-        cd_weight=config.cd_weight,
-        cd_form=config.cd_form,
-        ffm=config.ffm == "on",
-        ffm_input=config.ffm_input,
-        ffm_temperature=config.ffm_temperature,
-        ffm_targets=config.ffm_targets,
-        target_ce=config.target_ce,
-        detach_leader_target=config.detach_leader_target,
-        label_smoothing=config.label_smoothing,
-        fused_loss=config.fused_loss,
-        branch_impl=config.branch_impl,
+        **shared | {"num_branches": branches, "rampup_epochs": config.resolved_rampup(), "ffm": config.ffm == "on"}
     )
 
 
@@ -49,7 +38,7 @@ def build_method(
     """(the method on ``device``, in the run's memory format; what the step calls: the method or its DDP wrapper).
     Under DDP the BatchNorms become global-batch BatchNorms unless --no-sync-bn."""
     method: Method = create_method(config.method, config.arch, num_classes, mcfg)
-    from okdfast.run_checks import check_best_metric  # needs the method's metric names
+    from okdfast.run.device_checks import check_best_metric  # needs the method's metric names
 
     check_best_metric(config, method, torch.device("cpu"))
     if dist_info.enabled and (config.sync_bn is None or config.sync_bn):
@@ -121,7 +110,7 @@ def resolved_config(
     world_size: int,
     num_params: int,
 ) -> dict[str, Any]:
-    """config.yaml: every field, plus the values derived from them (okdfast.recipe.DERIVED_KEYS)."""
+    """config.yaml: every field, plus the values derived from them (okdfast.config.recipe.DERIVED_KEYS)."""
     return config.to_dict() | {
         "branches": mcfg.num_branches,
         "milestones_epochs": config.resolved_milestones(),

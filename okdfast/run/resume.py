@@ -6,9 +6,9 @@ A resumed run continues the run that is there, with *its* config (the checkpoint
 - A flag (or YAML key) that contradicts the run's recipe is refused before anything is built, with the list of
   differences (``--lr 0.05 (the run: 0.1)``). Extending a run with a larger ``--epochs`` is refused too: its lr
   milestones and KD ramp-up follow from the epoch count.
-- Settings of :data:`okdfast.recipe.TUNABLE_FIELDS` (workers, loader, device, data path, compile, ...) may change;
-  the change is logged and recorded in sessions.jsonl, config.yaml keeps the values the run started with.
-- :data:`okdfast.recipe.SESSION_FIELDS` (``--max-steps``, ``--progress``, ...) always come from this command.
+- Settings of :data:`okdfast.config.recipe.TUNABLE_FIELDS` (workers, loader, device, data path, compile, ...) may
+  change; the change is logged and recorded in sessions.jsonl, config.yaml keeps the values the run started with.
+- :data:`okdfast.config.recipe.SESSION_FIELDS` (``--max-steps``, ``--progress``, ...) always come from this command.
 
 ``--resume auto`` in a folder that holds a config.yaml but no checkpoint yet (a run killed in its first epoch)
 starts that run again from scratch, with its config. ``--resume PATH`` continues from another checkpoint: its config
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from okdfast.checkpointing import check_state
 from okdfast.config import TrainConfig
+from okdfast.config.recipe import SESSION_FIELDS, TUNABLE_FIELDS, differences, is_unset, same_value
 from okdfast.errors import CheckpointError, ConfigError, RunFolderError
-from okdfast.recipe import SESSION_FIELDS, TUNABLE_FIELDS, differences, is_unset, same_value
-from okdfast.run_folder import CONFIG, RunFolder, default_run_dir
-from okdfast.utils.checkpoint import load_checkpoint
+from okdfast.run.checkpoint_contents import check_state
+from okdfast.run.checkpoint_file import load_checkpoint
+from okdfast.run.folder import CONFIG, RunFolder, default_run_dir
 
 
 @dataclass
@@ -100,7 +100,7 @@ def plan_start(config: TrainConfig, explicit: set[str] | None = None, *, writer:
         config.method, config.arch, config.dataset, branches_of(config), config.seed
     )  # fmt: skip
     folder = RunFolder(run_dir, writer=writer)
-    folder.planned_state = folder.state()  # checked again when the folder is locked (okdfast.run_folder)
+    folder.planned_state = folder.state()  # checked again when the folder is locked (okdfast.run.folder)
     folder.check_usable()
     if writer:
         folder.check_not_in_use()

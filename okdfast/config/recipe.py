@@ -2,7 +2,7 @@
 
 One table, read by three places that must agree:
 
-- resume (``okdfast.resume``): a resumed run keeps its own config. A value of :data:`SESSION_FIELDS` always comes
+- resume (``okdfast.run.resume``): a resumed run keeps its own config. A value of :data:`SESSION_FIELDS` always comes
   from the command that resumes (where to stop, how to report); one of :data:`TUNABLE_FIELDS` keeps the run's value
   unless the command sets it, and a change is applied and recorded in ``sessions.jsonl`` (how fast it runs, where
   the data lie: nothing the maths depends on beyond float rounding); every other field is the recipe, and a command

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from okdfast.evaluation import prediction_arrays
+from okdfast.run.scoring import prediction_arrays
 from okdfast.utils.atomic_files import atomic_write_bytes
 
 PREDICTIONS_FILE = "predictions.npz"
 
 
 def write_predictions(run_dir: str | Path, epoch: int, batches: list[dict[str, Tensor]]) -> Path:
-    """Write the predictions :func:`okdfast.evaluation.evaluate` collected (``predictions=``) for ``epoch``."""
+    """Write the predictions :func:`okdfast.run.scoring.evaluate` collected (``predictions=``) for ``epoch``."""
     arrays = prediction_arrays(batches)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, epoch=np.int64(epoch), **arrays)

@@ -42,6 +42,7 @@ import yaml
 
 from okdfast.config import read_yaml
 from okdfast.errors import ConfigError, RunFolderError
+from okdfast.run.checkpoint_file import atomic_save
 from okdfast.utils.atomic_files import (
     append_text,
     atomic_link,
@@ -50,14 +51,13 @@ from okdfast.utils.atomic_files import (
     remove_orphaned_temps,
     write_error,
 )
-from okdfast.utils.checkpoint import atomic_save
 from okdfast.utils.metrics_log import MetricsLog, read_rows
 
 CONFIG, ENVIRONMENT, SESSIONS, LOG = "config.yaml", "environment.json", "sessions.jsonl", "train.log"
 METRICS_JSONL, METRICS_CSV, SUMMARY, LAST, BEST = "metrics.jsonl", "metrics.csv", "summary.json", "last.pt", "best.pt"
 WRITTEN = (CONFIG, ENVIRONMENT, SESSIONS, LOG, METRICS_JSONL, METRICS_CSV, SUMMARY, LAST, BEST)
 LOCK = "train.lock"
-# Everything a run folder holds: these files, the lock, predictions.npz (okdfast.predictions), tensorboard/ and the
+# Everything a run folder holds: these files, the lock, predictions.npz (okdfast.run.predictions), tensorboard/ and the
 # plots/ of okdfast.plot.
 OURS = frozenset(WRITTEN) | {LOCK, "predictions.npz", "tensorboard", "plots"}
 
