@@ -136,9 +136,7 @@ def build_okdfast(features: Features, splits: Any, args: argparse.Namespace, dev
     """okdfast's MDE step with ``features``, built by the functions ``python -m okdfast.train`` builds it with
     (okdfast.run.assemble: the method on its device and memory format, SGD and its schedule, the scaler, the step),
     from a TrainConfig at the paper's optimisation defaults."""
-    amp = "off"
-    if features.amp:
-        amp = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+    amp = ("auto" if device.type == "cuda" else "bf16") if features.amp else "off"  # auto: bf16, else fp16
     config = TrainConfig(
         method="mde",
         arch=args.arch,

@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     request = _request(build_parser(), argv)
     if request is None:
         return 0
-    args, catalog, table, schedule, out, runs = request[:6]
+    args, catalog, table, out, runs = request.args, request.catalog, request.table, request.out, request.runs
+    schedule = request.schedule
     if args.dry_run:
         print(data_line(runs))
         print(plan_text(catalog, table, runs, out, schedule_name=schedule.name, estimate=True, probe=args.probe,

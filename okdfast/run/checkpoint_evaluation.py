@@ -7,17 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from okdfast.config import TrainConfig
 from okdfast.data import build_data_loaders, load_dataset
 from okdfast.errors import ConfigError
-from okdfast.methods import create_method
-from okdfast.run.assemble import data_record, method_config
+from okdfast.run.assemble import build_method, data_record, method_config
 from okdfast.run.checkpoint_contents import check_same_data, load_weights
 from okdfast.run.checkpoint_file import load_checkpoint
 from okdfast.run.scoring import evaluate
-from okdfast.utils.distributed import setup_distributed
+from okdfast.utils.distributed import DistInfo, setup_distributed
 
 __all__ = ["evaluate_and_describe", "evaluate_checkpoint"]
 
@@ -57,11 +54,8 @@ def evaluate_and_describe(
         verbose=False,
     )
     mcfg = method_config(config)
-    method = create_method(config.method, config.arch, splits.num_classes, mcfg)
+    method, _ = build_method(config, mcfg, splits.num_classes, DistInfo(), torch_device)  # as the run built it
     load_weights(payload, method, f"{where} {checkpoint}")
-    method = method.to(torch_device)
-    if config.channels_last:
-        method = method.to(memory_format=torch.channels_last)
     metrics = evaluate(method, test_loader)
     state = payload.get("state") or {}
     about = {
