@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=_okdfast_packages + ["okdfast.kernels"],
     package_dir={"okdfast.kernels": "kernels"},
-    package_data={"okdfast": ["paper_tables.yaml"]},
+    package_data={"okdfast": ["paper_tables.yaml"], "okdfast.ops": ["fused_verdicts.json"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "torchvision>=0.26,<0.30",

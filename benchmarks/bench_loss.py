@@ -42,6 +42,10 @@ logits, ``cuda-graph`` (the calls captured in a CUDA graph and replayed: no laun
 once); ``kernel_bytes`` what the fused kernels move (logits read by the forward and again by the backward, the
 gradient written); ``pct_copy_bw`` divides by the copy bandwidth measured on this machine (benchmarks/harness.py).
 ``launch`` names the launch configuration the fused kernels' heuristics chose (``kernels/online_kd.py``).
+``speedup_vs_X`` (X = reference, compiled): X's median over the row's; ``verdict_vs_X``: whether the row's
+implementation ``wins``, ``loses`` or ``cannot tell apart`` against X beyond the run's spread (the p20-p80 ranges,
+``benchmarks.harness.verdict``): where a kernel loses, its row says so, and ``python -m benchmarks.fused_verdicts``
+turns the GPU rows of ``mde_head`` into the verdicts its ``kernel=None`` default follows (okdfast/ops/fused_default.py).
 
 ``--sweep NAME``: the forward and backward kernels called through their host launchers with every ``block_c`` x
 ``num_warps`` x ``rows_per_program`` of ``SWEEPS[NAME]`` (the heuristic's choice first, then its neighbours,
@@ -81,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
     TimeBudget,
+    Timing,
     add_output_arguments,
     append_row,
     copy_bandwidth_gbps,
@@ -89,11 +94,13 @@ from benchmarks.harness import (  # noqa: E402
     results_dir,
     time_cuda_graph,
     time_fn,
+    verdict,
 )
 from okdfast.compat import compiled_kernels, raise_recompile_limit  # noqa: E402
 from okdfast.ops.dispatch import triton_runs_on  # noqa: E402
+from okdfast.ops.fused_default import DTYPE_NAMES  # noqa: E402
 from okdfast.ops.mde_head import mde_head  # noqa: E402
-from okdfast.ops.mde_head_options import MDEHeadOptions  # noqa: E402
+from okdfast.ops.mde_head_options import MDE_HEAD_LAYOUTS, MDEHeadOptions  # noqa: E402
 from okdfast.ops.online_kd import online_kd, teacher_is_trained  # noqa: E402
 from okdfast.ops.online_kd_options import OnlineKDOptions, teacher_weight_layout  # noqa: E402
 from okdfast.ops.reference import mde_head_reference, online_kd_reference  # noqa: E402
@@ -107,7 +114,7 @@ HEADLINE_SHAPES = [(128, 4, 100), (4096, 4, 32768)]
 FORMS = ("mean", "explicit", "one", "mde", "okddip", "cl_ilr", "dml")
 DEFAULT_FORMS = ["mean", "explicit", "one", "mde"]
 PHASES = ("fwd+bwd", "fwd", "bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if dtype != torch.float64}  # fp32, bf16, fp16
 GPU_IMPLS = ["reference", "compiled", "fused", "fused-compiled"]
 CPU_IMPLS = ["reference", "op", "compiled"]
 KERNEL_IMPLS = ("fused", "fused-compiled", "composed")  # the ones that run Triton kernels (composed: mde_head only)
@@ -271,7 +278,7 @@ def online_kd_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.de
 
 
 # ---- MDE's whole loss head (okdfast.ops.mde_head): the attention softmax, targets, CE, KL and the CD in one pass
-MDE_HEAD_FORMS = ("shared", "per-aux")  # one target shared by the auxiliaries, or one each (--ffm-targets)
+MDE_HEAD_FORMS = MDE_HEAD_LAYOUTS  # one target shared by the auxiliaries, or one each (--ffm-targets)
 MDE_HEAD_OPTIONS = MDEHeadOptions(cd_weight=1.0)  # --cd-form nontarget_corr at its weight; T 3, tau 1
 
 
@@ -582,11 +589,24 @@ def _rates(moved: dict, phase: str, seconds: float, copy_gbps: float, fused: boo
     }
 
 
+COMPARED_WITH = ("reference", "compiled")  # every row's speedup_vs_X and verdict_vs_X columns
+
+
+def comparisons(timing: Timing, others: dict[str, Timing | None]) -> dict[str, Any]:
+    """``speedup_vs_X`` (X's median over this one's) and ``verdict_vs_X`` (:func:`benchmarks.harness.verdict`:
+    'wins', 'loses' or 'cannot tell apart'; where a fused row loses, it says so) for each X measured before it."""
+    row: dict[str, Any] = {}
+    for name, other in others.items():
+        row[f"speedup_vs_{name}"] = round(other.median_ms / timing.median_ms, 3) if other else ""
+        row[f"verdict_vs_{name}"] = verdict(timing, other) if other and other is not timing else ""
+    return row
+
+
 def run_combo(args, device, impls, combo: Combo, dtype_name, base, folder, copy_gbps) -> list[dict[str, Any]]:
     call = SUBJECTS[combo.subject].make_call(combo.form, combo.shape, DTYPES[dtype_name], device)
     reference = call.fns["reference"]
     graphed = device.type == "cuda" and math.prod(combo.shape) <= args.graph_max_elements
-    medians: dict[tuple[str, str, str], float] = {}
+    measured: dict[tuple[str, str, str], Timing] = {}
     rows = []
     where = _where(combo, dtype_name)
     for impl in impls:
@@ -606,21 +626,19 @@ def run_combo(args, device, impls, combo: Combo, dtype_name, base, folder, copy_
                 torch.cuda.empty_cache()
             continue
         for phase, timing_mode, timing in timings:
-            medians[(impl, phase, timing_mode)] = timing.median_ms
+            measured[(impl, phase, timing_mode)] = timing
             fused = impl in KERNEL_IMPLS
             row = base | where | {"impl": impl, "phase": phase, "timing": timing_mode, "headline": phase == "fwd+bwd"}
             row |= timing.as_row() | _rates(call.moved, phase, timing.median_ms * 1e-3, copy_gbps, fused)
             row |= {"max_rel_error": error, "compile_backend": args.compile_backend if "compiled" in impl else ""}
             row["launch"] = call.launch if fused else ""
             row |= {"launches_per_call": launches, "launches_counted": counted}
-            for other in ("reference", "compiled"):
-                key = (other, phase, timing_mode)
-                row[f"speedup_vs_{other}"] = round(medians[key] / timing.median_ms, 3) if key in medians else ""
+            row |= comparisons(timing, {other: measured.get((other, phase, timing_mode)) for other in COMPARED_WITH})
             append_row("loss", row, folder)
             rows.append(row)
             ratios = [
-                f"x{row[f'speedup_vs_{other}']:.2f} vs {other}"
-                for other in ("reference", "compiled")
+                f"x{row[f'speedup_vs_{other}']:.2f} vs {other} ({row[f'verdict_vs_{other}']})"
+                for other in COMPARED_WITH
                 if other != impl and row[f"speedup_vs_{other}"] != ""
             ]
             print(

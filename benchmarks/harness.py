@@ -140,6 +140,7 @@ def read_rows(path: Path | str) -> list[dict[str, str]]:
 def machine_columns(bench: str, device: torch.device) -> dict[str, Any]:
     """The leading columns of every row: what produced the number (``run_id``: ``$OKDFAST_RUN_ID``, set by
     gpu_suite.sh to the stage and its start time, else this process's start time and pid)."""
+    from okdfast.ops.fused_default import device_arch
     from okdfast.utils.environment import device_name, git_commit
 
     try:
@@ -154,6 +155,7 @@ def machine_columns(bench: str, device: torch.device) -> dict[str, Any]:
         "bench": bench,
         "device": device.type,
         "device_name": device_name(device),
+        "device_arch": device_arch(device),  # sm_90 (H100, H200): the key of okdfast/ops/fused_verdicts.json
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -383,6 +385,19 @@ class Timing:
             "peak_mem_mb": self.peak_mem_mb,
             "samples": self.samples,
         }
+
+
+def verdict(this: Timing, other: Timing) -> str:
+    """'wins' when ``this`` is faster than ``other`` beyond one run's spread (its 80th percentile below the other's
+    20th), 'loses' when slower the same way, else 'cannot tell apart' (the 20th-80th percentile ranges overlap):
+    the resolution of a comparison inside one run. okdfast.ops.fused_default reads it for the fused ops' default."""
+    from okdfast.ops.fused_default import CANNOT_TELL, LOSES, WINS
+
+    if this.p80_ms < other.p20_ms:
+        return WINS
+    if this.p20_ms > other.p80_ms:
+        return LOSES
+    return CANNOT_TELL
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

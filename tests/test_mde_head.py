@@ -217,6 +217,43 @@ def test_one_pass_head_is_three_launches(monkeypatch):
 
 
 @pytest.mark.triton
+def test_kernel_none_follows_the_measured_verdicts(monkeypatch):
+    """kernel=None runs the one-pass kernel except where a verdict (okdfast.ops.fused_default) measured it slower than
+    the alternative: the eager reference for an eager call, the compiled reference inside torch.compile. Here the
+    interpreter's CPU stands in for a GPU architecture ('cpu'); no launch means the reference ran."""
+    if not IN_INTERPRETER:
+        pytest.skip("which path kernel=None takes where the kernel runs")
+    from okdfast.kernels import online_kd as kernels
+
+    from okdfast.ops import fused_default
+    from okdfast.ops.fused_default import Verdict
+
+    launched, runnable = [], kernels._runnable
+    monkeypatch.setattr(kernels, "_runnable", lambda k, d: launched.append(k.__name__) or runnable(k, d))
+    torch.manual_seed(12)
+    logits, target, options = torch.randn(6, 4, 20), torch.randint(0, 20, (6,)), MDEHeadOptions(cd_weight=1.0)
+    shared, per_aux = torch.randn(6, 3), torch.randn(6, 3, 3)
+    eager = lambda z, e: mde_head(z, target, e, options)[0]
+
+    def launches(vs_reference, vs_compiled, fn=eager, energy=shared):
+        measured = Verdict("mde_head", "cpu", "fp32", "shared", (8, 4, 16), vs_reference, vs_compiled, "r")
+        monkeypatch.setattr(fused_default, "VERDICTS", (measured,))
+        launched.clear()
+        want = mde_head_reference(logits, target, energy, options)[0]
+        torch.testing.assert_close(fn(logits, energy), want, rtol=1e-5, atol=1e-6)
+        return len(launched)
+
+    assert launches("loses", "wins") == 0
+    assert launches("wins", "loses") == 2 and launches("cannot tell apart", "loses") == 2  # fwd: rows + reduction
+    assert launches("loses", "loses", energy=per_aux) == 2  # no verdict for the per-auxiliary layout: the kernel
+    for vs_reference, vs_compiled, want in (("wins", "loses", 0), ("loses", "wins", 2)):
+        torch._dynamo.reset()
+        compiled = torch.compile(eager, fullgraph=True, backend="eager")
+        assert launches(vs_reference, vs_compiled, compiled) == want
+    torch._dynamo.reset()
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("rows_per_program", [2, 3, 8])
 def test_rows_per_program_changes_no_bit(rows_per_program, monkeypatch):
     """A program handling several rows one after another (the launch parameter bench_loss --sweep times) computes

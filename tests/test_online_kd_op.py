@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from okdfast.functional import online_kd_loss, online_kd_loss_and_terms
 from okdfast.losses import OnlineKDLoss
-from okdfast.ops.dispatch import fused_enabled, use_triton
+from okdfast.ops.dispatch import fused_enabled, kernel_argument, use_triton
 from okdfast.ops.online_kd import online_kd
 from okdfast.ops.online_kd_options import OnlineKDOptions
 from okdfast.ops.reference import online_kd_reference
@@ -591,6 +591,9 @@ def test_cpu_dispatch_rules(monkeypatch):
     assert not use_triton(x)  # both variables are needed
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         fused_enabled("yes", x)
+    assert [kernel_argument(mode) for mode in ("auto", "on", "off")] == [None, True, False]  # auto: the op decides
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        kernel_argument("yes")
 
 
 def test_options_schema_follows_the_dataclass():

@@ -18,7 +18,7 @@ from okdfast.models import MultiBranchNet
 from okdfast.models.ffm import FFM_INPUTS
 from okdfast.models.grouped import BRANCH_IMPLS
 from okdfast.models.multibranch import MAX_BRANCHES
-from okdfast.ops.dispatch import FUSED_MODES, fused_enabled
+from okdfast.ops.dispatch import FUSED_MODES, kernel_argument
 from okdfast.ops.online_kd import online_kd
 from okdfast.ops.online_kd_options import (
     DEFAULT_TEMPERATURE,
@@ -115,7 +115,8 @@ class MethodConfig:
     )
     fused_loss: str = param(
         "auto",
-        help="the online-KD loss: auto (the fused Triton op where it runs: CUDA) | on (the op; an error where it "
+        help="the online-KD loss and MDE's head: auto (the fused Triton op where it runs: CUDA; MDE's head not where "
+        "a GPU benchmark measured it slower, okdfast/ops/fused_verdicts.json) | on (the op; an error where it "
         "cannot run) | off (the reference in plain PyTorch)",
         check=one_of(FUSED_MODES),
     )
@@ -222,7 +223,7 @@ class Method(nn.Module):
             detached_teacher_rows=detached_teacher_rows,
             label_smoothing=self.config.label_smoothing,
         )
-        kernel = fused_enabled(self.config.fused_loss, output.logits)
+        kernel = kernel_argument(self.config.fused_loss)
         total, parts = online_kd(
             output.logits, target, None, output.teacher_weights, options, weight_tensor, kernel=kernel
         )

@@ -32,7 +32,7 @@ from okdfast.methods.registry import register_method
 from okdfast.methods.two_level import TwoLevelMethod
 from okdfast.models.ffm import FeatureFusionModule
 from okdfast.ops.classifier_diversity import classifier_diversity_loss
-from okdfast.ops.dispatch import fused_enabled
+from okdfast.ops.dispatch import kernel_argument
 from okdfast.ops.mde_head import mde_head
 from okdfast.ops.mde_head_options import MDEHeadOptions
 
@@ -94,7 +94,7 @@ class MDE(TwoLevelMethod):
     def loss(self, output: MethodOutput, target: Tensor, kd_weight: Tensor | float) -> LossTerms:
         options = self.head_options(kd_weight)
         weight_tensor = kd_weight if isinstance(kd_weight, Tensor) else None
-        kernel = fused_enabled(self.config.fused_loss, output.logits)
+        kernel = kernel_argument(self.config.fused_loss)
         total, head = mde_head(output.logits, target, output.attention_logits, options, weight_tensor, kernel=kernel)
         kd_scale = weight_tensor.detach().float().reshape(()) if weight_tensor is not None else options.kd_weight
         terms = {

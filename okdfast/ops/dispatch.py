@@ -8,8 +8,10 @@ When Triton runs (``use_triton``):
   friends, is decorated at import), so it must be in the environment before anything in the process imports
   triton; setting it later leaves compiled-mode kernels that cannot run on CPU tensors (the launchers then raise).
 
-``MethodConfig.fused_loss`` / ``--fused-loss`` (``fused_enabled``): 'on' always asks for the kernels (the op raises
-where they cannot run), 'off' never (the reference), 'auto' uses them where the Triton kernel runs.
+``MethodConfig.fused_loss`` / ``--fused-loss`` (``kernel_argument``, the ops' ``kernel=``): 'on' always asks for the
+kernels (the op raises where they cannot run), 'off' never (the reference), 'auto' leaves it to the op: the kernels
+where the Triton kernel runs, except where a GPU benchmark measured the kernel slower (``okdfast.ops.fused_default``;
+the MDE head only). ``fused_enabled``: whether the kernels can run for a mode on a device (the run's log line).
 
 The fused ops are once-differentiable: their backward is a kernel, so differentiating it again (double backward)
 raises a clear error instead of silently returning wrong second derivatives (:func:`check_once_differentiable`).
@@ -57,6 +59,14 @@ def use_triton(tensor: Tensor, *, float64: bool = False) -> bool:
     if tensor.dtype == torch.float64 and not float64:
         return False
     return triton_runs_on(tensor.device)
+
+
+def kernel_argument(mode: str) -> bool | None:
+    """A ``--fused-*`` mode as an op's ``kernel=`` argument: 'on' -> True, 'off' -> False, 'auto' -> None (the op's
+    own default)."""
+    if mode not in FUSED_MODES:
+        raise ValueError(f"fused mode {mode!r}: use 'auto', 'on' or 'off'")
+    return None if mode == "auto" else mode == "on"
 
 
 def fused_enabled(mode: str, where: Tensor | torch.device | str) -> bool:

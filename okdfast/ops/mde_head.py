@@ -11,7 +11,9 @@ the auxiliaries' target(s) and the leader's mean, every CE and KL term, and the 
   non-target co-moments in one pass over the logits; the backward returns the logits' and the attention logits'
   gradients. ``kernel='composed'`` runs the earlier composition (the fused online-KD op with the weights from a
   PyTorch softmax and the CD rows in PyTorch around it): the benchmark's third implementation.
-- Elsewhere, the reference under autograd: the CPU path is the spec itself.
+- Elsewhere, the reference under autograd: the CPU path is the spec itself. ``kernel=None`` also takes the reference
+  where a GPU visit measured the kernel slower than it at the nearest measured shape (``okdfast.ops.fused_default``:
+  the eager reference for an eager call, the compiled one inside torch.compile).
 
 Traceable by ``torch.compile(fullgraph=True)``; no host synchronisation (the label range is checked on the CPU
 only, as for the online-KD op).
@@ -23,11 +25,13 @@ import torch
 from torch import Tensor
 
 from okdfast.ops.dispatch import check_once_differentiable, resolve_kernel
+from okdfast.ops.fused_default import kernel_by_default
 from okdfast.ops.mde_head_options import (
     MDEHeadOptions,
     MDEHeadTerms,
     attention_layout,
     head_kd_options,
+    layout_name,
     validate_mde_head_inputs,
 )
 from okdfast.ops.online_kd import online_kd, should_check_target_values, stats_width
@@ -143,7 +147,8 @@ def mde_head(
     kernel: bool | str | None = None,
 ) -> tuple[Tensor, MDEHeadTerms]:
     """The loss (see :func:`okdfast.functional.mde_head_loss`) and its unweighted terms averaged over the valid rows
-    (detached; from the same pass). ``kernel``: None runs the one-pass kernel where the Triton kernels run and the
+    (detached; from the same pass). ``kernel``: None runs the one-pass kernel where the Triton kernels run and a GPU
+    benchmark did not measure it slower than the reference it replaces (``okdfast.ops.fused_default``), the
     reference elsewhere; False the reference; True the one-pass kernel (an error where it cannot run); 'composed'
     the fused online-KD op with the attention and the CD around it in PyTorch."""
     validate_mde_head_inputs(logits, target, attention_logits, kd_weight, options)
@@ -154,10 +159,11 @@ def mde_head(
     composed = kernel == "composed"
     if kernel not in (None, True, False, "composed"):
         raise ValueError(f"kernel={kernel!r}: use None (auto), True, False or 'composed'")
-    if not resolve_kernel(True if composed else kernel, logits, "MDE head"):
-        return mde_head_reference(logits, target, attention_logits, options, kd_weight)
     num_branches = logits.shape[1]
     shared = attention_layout(attention_logits, logits.shape[0], num_branches - 1) == 1
+    runs = resolve_kernel(True if composed else kernel, logits, "MDE head")
+    if not runs or (kernel is None and not kernel_by_default("mde_head", logits, layout_name(shared))):
+        return mde_head_reference(logits, target, attention_logits, options, kd_weight)
     if composed:
         return _composed(logits, target, attention_logits, options, kd_weight, shared)
     loss, summary, _ = torch.ops.okdfast.mde_head_fwd(logits, target, attention_logits, kd_weight, *options.as_args())

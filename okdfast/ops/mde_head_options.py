@@ -94,6 +94,14 @@ def head_kd_options(options: MDEHeadOptions, num_branches: int, target_rows: int
     )
 
 
+MDE_HEAD_LAYOUTS = ("shared", "per-aux")  # one target shared by the auxiliaries, or one per auxiliary
+
+
+def layout_name(shared: bool) -> str:
+    """The layout's name in the benchmark rows and the fused verdicts: 'shared' or 'per-aux'."""
+    return MDE_HEAD_LAYOUTS[0] if shared else MDE_HEAD_LAYOUTS[1]
+
+
 def attention_layout(attention_logits: Tensor, batch: int, num_aux: int) -> int:
     """The number of target rows: 1 for (B, M) or (B, 1, M) (one target shared by the auxiliaries), M for
     (B, M, M) (one target per auxiliary). Raises a ValueError naming the shapes otherwise."""

@@ -15,6 +15,7 @@ import torch
 from okdfast.config import TrainConfig
 from okdfast.methods import Method, MethodConfig
 from okdfast.ops.dispatch import fused_enabled
+from okdfast.ops.fused_default import measured_here
 from okdfast.run.assemble import data_record, resolved_config, tail_notes
 from okdfast.run.checkpoint_contents import RunState, checkpoint_payload
 from okdfast.run.epoch import best_of
@@ -111,6 +112,15 @@ class Training:
         if start.checkpoint is not None and self.folder.repair_best(start.checkpoint, state.as_dict()):
             self.log(f"relinked {self.folder.best} to {self.folder.last}: a kill had fallen between writing the two")
 
+    def fused_loss_text(self) -> str:
+        """'on' / 'off' for the log line; with 'auto', how many GPU verdicts decide where MDE's head runs it."""
+        config = self.config
+        text = "on" if fused_enabled(config.fused_loss, self.device) else "off"
+        measured = measured_here("mde_head", self.device) if config.method == "mde" else 0
+        if text == "on" and config.fused_loss == "auto" and measured:
+            text += f" (the head where {measured} GPU verdicts measured it no slower: okdfast/ops/fused_verdicts.json)"
+        return text
+
     def header(self) -> list[str]:
         """The first lines of train.log: what is trained on what, how; notes on the schedule and the batches."""
         config, splits, start, state = self.config, self.splits, self.start, self.state
@@ -119,8 +129,8 @@ class Training:
             f"{config.method} | {config.arch} K={self.mcfg.num_branches} | {splits.name} ({splits.source}: "
             f"{len(splits.train)} train / {len(splits.test)} test) | {self.num_params / 1e6:.3f}M params | device "
             f"{self.device} | amp {amp} | channels-last {'on' if config.channels_last else 'off'} | compile "
-            f"{config.compile} | branches {config.branch_impl} | fused loss "
-            f"{'on' if fused_enabled(config.fused_loss, self.device) else 'off'} | run folder {self.folder}"
+            f"{config.compile} | branches {config.branch_impl} | fused loss {self.fused_loss_text()} | run folder "
+            f"{self.folder}"
         ]
         lines += amp_notes(config.amp, self.device) + config.milestone_notes() + tail_notes(self.train_loader.plan)
         if start.resumed:
