@@ -48,10 +48,12 @@ implementation ``wins``, ``loses`` or ``cannot tell apart`` against X beyond the
 turns the GPU rows of ``mde_head`` into the verdicts its ``kernel=None`` default follows (okdfast/ops/fused_default.py).
 
 ``--sweep NAME``: the forward and backward kernels called through their host launchers with every ``block_c`` x
-``num_warps`` x ``rows_per_program`` of ``SWEEPS[NAME]`` (the heuristic's choice first, then its neighbours,
-nearest first), each validated against the reference, then fwd, bwd and fwd+bwd timed (CUDA graphs at the small
-shape): rows with ``impl = fused-sweep``, the config, and the registers and spills of the variants it compiled.
-The rows to choose the heuristics from. C is never split across programs (a row's statistics are one program's).
+``num_warps`` x ``rows_per_program`` of ``SWEEPS[NAME]`` (MDE's head in the kernels' attention mode, then the
+online-KD op's forms; per case the heuristic's choice first, then its neighbours, nearest first; with
+``--time-budget`` each case gets an equal share of what is left), each validated against the reference, then
+fwd, bwd and fwd+bwd timed (CUDA graphs at the small shape): rows with ``impl = fused-sweep``, the config, and the
+registers and spills of the variants it compiled. The rows to choose the heuristics from. C is never split across
+programs (a row's statistics are one program's).
 
 ``--time-budget``: no combination (or sweep config) starts unless its estimated time, first compiles included,
 fits in what is left; the ones skipped are named. ``--tiny`` (a CPU rehearsal of a GPU visit) keeps the plan and
@@ -100,7 +102,12 @@ from okdfast.compat import compiled_kernels, raise_recompile_limit  # noqa: E402
 from okdfast.ops.dispatch import triton_runs_on  # noqa: E402
 from okdfast.ops.fused_default import DTYPE_NAMES  # noqa: E402
 from okdfast.ops.mde_head import mde_head  # noqa: E402
-from okdfast.ops.mde_head_options import MDE_HEAD_LAYOUTS, MDEHeadOptions  # noqa: E402
+from okdfast.ops.mde_head_options import (  # noqa: E402
+    MDE_HEAD_LAYOUTS,
+    MDEHeadOptions,
+    attention_layout,
+    head_kd_options,
+)
 from okdfast.ops.online_kd import online_kd, teacher_is_trained  # noqa: E402
 from okdfast.ops.online_kd_options import OnlineKDOptions, teacher_weight_layout  # noqa: E402
 from okdfast.ops.reference import mde_head_reference, online_kd_reference  # noqa: E402
@@ -661,16 +668,24 @@ class SweepCase(NamedTuple):
     block_c: tuple[int, ...]
     num_warps: tuple[int, ...]
     rows_per_program: tuple[int, ...] = (1,)
+    subject: str = "online_kd"  # or mde_head: the head's attention mode of the same kernels, its CD co-moments on
 
 
 SWEEPS: dict[str, tuple[SweepCase, ...]] = {
     "headline": (
-        # one block covers the row: how many warps, and whether a program should take several of the 128 rows
+        # MDE's head first, what --method mde trains through: one block covers the row at 128x4x100 (how many warps,
+        # whether a program should take several of the 128 rows); C in chunks at 4096x4x32768 (how long a chunk)
+        SweepCase("shared", (128, 4, 100), (64, 128), (1, 2, 4, 8), (1, 2, 4), "mde_head"),
+        SweepCase("shared", (4096, 4, 32768), (128, 256, 512, 1024), (4, 8, 16), subject="mde_head"),
+        # the online-KD op's MDE form (the head without the attention softmax and the CD)
         SweepCase("mde", (128, 4, 100), (64, 128), (1, 2, 4, 8), (1, 2, 4)),
-        SweepCase("mde", (4096, 4, 32768), (128, 256, 512, 1024), (4, 8, 16)),  # C in chunks: how long a chunk
+        SweepCase("mde", (4096, 4, 32768), (128, 256, 512, 1024), (4, 8, 16)),
     ),
 }
-TINY_SWEEP = (SweepCase("mde", (4, 4, 40), (16, 32), (1, 2), (1, 3)),)
+TINY_SWEEP = (  # the interpreter takes seconds per config: the head's grid, the op's rows per program
+    SweepCase("shared", (4, 4, 40), (16, 32), (1, 2), (1, 3), "mde_head"),
+    SweepCase("mde", (4, 4, 40), (32,), (1,), (1, 3)),
+)
 
 SweepConfig = tuple[int, int, int]  # (block_c, num_warps, rows_per_program)
 
@@ -723,6 +738,51 @@ def launcher_calls(
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "state": state, "needs": needs}
 
 
+def head_launcher_calls(call: Call, block_c: int, num_warps: int, rows_per_program: int = 1) -> dict[str, Callable]:
+    """:func:`launcher_calls` for MDE's head: the kernels' attention mode with the arguments ``okdfast.ops.mde_head``
+    passes them (the attention logits as the weights, K teacher rows, the head's options)."""
+    from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
+
+    logits, target, attention, kd_weight = call.args
+    batch, branches, _ = logits.shape
+    head = MDE_HEAD_OPTIONS
+    options = head_kd_options(head, branches, attention_layout(attention, batch, branches - 1))
+    kd = kd_weight.detach().reshape(()).to(torch.float32)
+    z, a = logits.detach(), attention.detach()
+    grad = torch.ones((), dtype=torch.float32, device=logits.device)
+    config = {"block_c": block_c, "num_warps": num_warps, "rows_per_program": rows_per_program, "head": head}
+    state: dict[str, Any] = {}
+
+    def fwd():
+        state["out"] = online_kd_forward(z, target, None, a, kd, options, branches, **config)
+
+    def bwd():
+        _, summary, stats = state["out"]
+        gz, _, ga = online_kd_backward(grad, z, target, None, a, kd, summary, stats, options, branches,
+                                       (True, False, True), **config)  # fmt: skip
+        state["grads"] = [gz, ga]
+
+    def both():
+        fwd()
+        bwd()
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "state": state, "needs": (True, False, True)}
+
+
+def sweep_subject(case: SweepCase, dtype: torch.dtype, device: torch.device) -> tuple[Call, Any, Callable]:
+    """The case's call, the launch configuration its op's heuristic picks, and its launcher calls at a forced one."""
+    from okdfast.kernels.online_kd import launch_config
+
+    batch, branches, classes = case.shape
+    call = SUBJECTS[case.subject].make_call(case.form, case.shape, dtype, device)
+    if case.subject == "mde_head":  # the head's teacher rows: one per branch, weighted (okdfast.ops.mde_head)
+        return call, launch_config(branches, classes, branches, True), lambda *c: head_launcher_calls(call, *c)
+    weights = call.args[3]
+    rows = teacher_weight_layout(weights, batch, branches)[0] if weights is not None else 1
+    default = launch_config(branches, classes, rows, weights is not None)
+    return call, default, lambda *config: launcher_calls(call, case.form, *config)
+
+
 def _new_variants(seen: set[int]) -> dict[str, tuple[Any, Any]]:
     """(registers, spills) of the forward and backward variants compiled since the last call."""
     from okdfast.kernels import online_kd as kd_kernels
@@ -737,8 +797,6 @@ def _new_variants(seen: set[int]) -> dict[str, tuple[Any, Any]]:
 
 
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from okdfast.kernels.online_kd import launch_config
-
     device = torch.device(args.device) if args.device else default_device()
     if not triton_runs_on(device):
         print("--sweep: the kernels do not run here (CUDA, or the CPU with TRITON_INTERPRET=1 OKDFAST_FORCE_TRITON=1)")
@@ -752,25 +810,28 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     seen: set[int] = set()
     rows: list[dict[str, Any]] = []
     args.failures = 0
-    for case in cases:
-        call = online_kd_call(case.form, case.shape, DTYPES[dtype_name], device)
-        logits, _, teacher, weights, _ = call.args
+    for number, case in enumerate(cases):
+        # each case gets an equal share of what is left, so a short budget cuts every case's farthest configs
+        # instead of the last cases whole
+        now = budget.elapsed()
+        case_ends = now + (budget.seconds - now) / (len(cases) - number) if budget.seconds else 0.0
+        call, default, calls_at = sweep_subject(case, DTYPES[dtype_name], device)
         expected = [call.fns["reference"](*call.args)]
         expected += torch.autograd.grad(expected[0], call.wrt)
-        rows_kt = teacher_weight_layout(weights, case.shape[0], case.shape[1])[0] if weights is not None else 1
-        default = launch_config(case.shape[1], case.shape[2], rows_kt, weights is not None)
         graphed = device.type == "cuda" and math.prod(case.shape) <= args.graph_max_elements
         configs = sweep_order((default.block_c, default.num_warps, default.rows_per_program), case)
         for n, (block_c, num_warps, rows_per_program) in enumerate(configs):
-            where = _where(Combo("online_kd", case.form, case.shape), dtype_name)
+            where = _where(Combo(case.subject, case.form, case.shape), dtype_name)
             where |= {"impl": "fused-sweep", "block_c": block_c, "num_warps": num_warps}
             where |= {"rows_per_program": rows_per_program, "default_config": n == 0}
-            if args.time_budget is not None and budget.seconds - budget.elapsed() < KERNEL_COMPILE_S + 1:
+            ends = case_ends if n > 0 else budget.seconds  # a case's default runs while the whole budget lasts
+            if args.time_budget is not None and ends - budget.elapsed() < KERNEL_COMPILE_S + 1:
                 left = ", ".join("/".join(map(str, config)) for config in configs[n:])
-                print(f"time budget: skipped {case.form} {where['shape']} block_c/num_warps/rows {left}", flush=True)
+                print(f"time budget: skipped {case.subject} {case.form} {where['shape']} block_c/num_warps/rows "
+                      f"{left}", flush=True)  # fmt: skip
                 break
             try:
-                rows += sweep_config(args, device, call, case, expected, graphed, seen, base | where, copy_gbps)
+                rows += sweep_config(args, device, call, calls_at, expected, graphed, seen, base | where, copy_gbps)
             except Exception as failure:  # a config that does not compile or validate is a row, not the end
                 message = f"{type(failure).__name__}: {failure}"[:500]
                 append_row("loss", base | where | {"error": message}, folder)
@@ -786,8 +847,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def sweep_config(args, device, call, case, expected, graphed, seen, where, copy_gbps) -> list[dict[str, Any]]:
-    fns = launcher_calls(call, case.form, where["block_c"], where["num_warps"], where["rows_per_program"])
+def sweep_config(args, device, call, calls_at, expected, graphed, seen, where, copy_gbps) -> list[dict[str, Any]]:
+    fns = calls_at(where["block_c"], where["num_warps"], where["rows_per_program"])
     fns["fwd+bwd"]()
     variants = _new_variants(seen)
     loss = fns["state"]["out"][0]
@@ -809,8 +870,8 @@ def sweep_config(args, device, call, case, expected, graphed, seen, where, copy_
         append_row("loss", row, folder)
         rows.append(row)
         print(
-            f"sweep {case.form} {row['shape']:>14s} block_c={where['block_c']:<5d} num_warps={where['num_warps']:<3d} "
-            f"rows={where['rows_per_program']:<2d} "
+            f"sweep {where['subject']} {where['form']} {row['shape']:>14s} block_c={where['block_c']:<5d} "
+            f"num_warps={where['num_warps']:<3d} rows={where['rows_per_program']:<2d} "
             f"{phase:7s} {mode:10s} {timing.median_ms:9.4f} ms  {row['kernel_pct_copy_bw']:5.1f}% copy (kernel bytes)"
             f"{'  [default]' if where['default_config'] else ''}",
             flush=True,

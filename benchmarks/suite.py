@@ -240,11 +240,12 @@ VISIT1 = Visit(
             ("--sweep", "headline"),
             (
                 ("import", IMPORT_S),
-                ("~28 of the 36 configs x (forward + backward compiled, ~1.5 s); the farthest cut by the budget", 38),
+                ("~25 of the 72 configs x (forward + backward compiled, ~1.5 s); each case's farthest cut", 38),
                 ("validation and timing", 8),
             ),
             "block_c x num_warps (x rows per program at 128x4x100) of the forward and backward kernels at 128x4x100 "
-            "and 4096x4x32768 (mde, bf16), the default first, then its neighbours; fwd, bwd and fwd+bwd times, "
+            "and 4096x4x32768 (bf16): MDE's head (its attention mode), then the online-KD op's mde form, each case "
+            "an equal share of the budget, the default first, then its neighbours; fwd, bwd and fwd+bwd times, "
             "registers and spills per config",
         ),
     ),

@@ -104,12 +104,13 @@ def _config(row: dict[str, str]) -> str:
 def sweep_lines(folder: Path) -> list[str]:
     rows = [r for r in _rows(folder / "loss.csv") if r.get("impl") == "fused-sweep" and r.get("median_ms")]
     lines = []
-    for key in dict.fromkeys((r["form"], r["shape"], r["phase"], r["timing"]) for r in rows):
-        sel = [r for r in rows if (r["form"], r["shape"], r["phase"], r["timing"]) == key]
+    what = lambda r: (r.get("subject") or "online_kd", r["form"], r["shape"], r["phase"], r["timing"])  # noqa: E731
+    for key in dict.fromkeys(what(r) for r in rows):
+        sel = [r for r in rows if what(r) == key]
         best = min(sel, key=lambda r: float(r["median_ms"]))
         default = next((r for r in sel if r.get("default_config") == "True"), None)
         line = (
-            f"sweep {key[0]} {key[1]} {key[2]} ({key[3]}), {len(sel)} configs: best {_config(best)} "
+            f"sweep {key[0]} {key[1]} {key[2]} {key[3]} ({key[4]}), {len(sel)} configs: best {_config(best)} "
             f"{float(best['median_ms']):.4f} ms"
         )
         if default is not None:
