@@ -205,3 +205,11 @@ def test_on_the_gpu_the_head_follows_a_verdict_for_its_architecture_eager_and_co
         torch.testing.assert_close(fn(logits, energy), want, rtol=1e-5, atol=1e-6)
         assert len(launched) == want_launches, (vs_reference, vs_compiled, compiled, launched)
     torch._dynamo.reset()
+
+
+def test_the_runs_log_line_counts_the_verdicts_of_its_architecture(monkeypatch):
+    monkeypatch.setattr(fused_default, "VERDICTS", MEASURED)
+    assert fused_default.measured_here("mde_head", "cpu") == 3
+    assert fused_default.measured_here("online_kd", "cpu") == 0
+    monkeypatch.setattr(fused_default, "VERDICTS", ())
+    assert fused_default.measured_here("mde_head", "cpu") == 0

@@ -81,7 +81,9 @@ def loss_lines(folder: Path) -> list[str]:
         parts = [f"{fused['impl']} {float(fused['median_ms']):.4f} ms"]
         if "compiled" in by_impl:
             ratio = float(by_impl["compiled"]["median_ms"]) / float(fused["median_ms"])
-            parts.append(f"compiled {float(by_impl['compiled']['median_ms']):.4f} ms: x{ratio:.2f} (target >= 1.5)")
+            said = fused.get("verdict_vs_compiled")  # wins / loses / cannot tell apart (rows before 2026-12-08: none)
+            parts.append(f"compiled {float(by_impl['compiled']['median_ms']):.4f} ms: x{ratio:.2f} (target >= 1.5"
+                         + (f"; {fused['impl']} {said}" if said else "") + ")")  # fmt: skip
         if "composed" in by_impl:
             ratio = float(by_impl["composed"]["median_ms"]) / float(fused["median_ms"])
             parts.append(f"composed {float(by_impl['composed']['median_ms']):.4f} ms: x{ratio:.2f}")
