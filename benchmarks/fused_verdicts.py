@@ -6,7 +6,10 @@
 One verdict (``okdfast.ops.fused_default.Verdict``) per row of a fused kernel (``impl`` fused, phase fwd+bwd,
 timing ``stream``, on CUDA) of an op that reads them (``OPS_WITH_VERDICTS``) whose run also timed the eager
 reference and torch.compile of it at the same shape, dtype and layout: :func:`benchmarks.harness.verdict` of the
-kernel against each, from the rows' 20th and 80th percentiles. A shape measured by several runs keeps the newest
+kernel against each, from the rows' 20th and 80th percentiles. Against the compiled reference the kernel's row is
+``fused-compiled`` (the op inside torch.compile, as a compiled step calls it: its input checks traced away) where the
+run timed it (``--impls reference compiled fused fused-compiled``; the visits' presets do not, for time), else
+``fused``. A shape measured by several runs keeps the newest
 run's (the row's ``date``). A row that failed (its ``error`` column) gives nothing. What the default then does
 with them: ``okdfast/ops/fused_default.py``.
 """
@@ -51,7 +54,9 @@ def verdicts_from_rows(rows: list[dict[str, str]]) -> tuple[Verdict, ...]:
         others = {field: by_impl.get((key, other)) for field, other in OTHERS.items()}
         if impl != "fused" or None in others.values():
             continue
-        words = {field: verdict(_timing(row), _timing(other)) for field, other in others.items()}
+        inside_compile = by_impl.get((key, "fused-compiled"), row)  # the kernel inside torch.compile, if timed
+        kernel = {"vs_reference": row, "vs_compiled": inside_compile}
+        words = {field: verdict(_timing(kernel[field]), _timing(other)) for field, other in others.items()}
         shape = tuple(int(n) for n in row["shape"].split("x"))
         found = Verdict(row["subject"], row["device_arch"], row["dtype"], row["form"], shape, run_id=row["run_id"],
                         **words)  # fmt: skip

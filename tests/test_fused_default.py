@@ -66,6 +66,14 @@ def test_rows_give_one_verdict_per_measured_shape_the_newest_run_kept():
     )
 
 
+def test_against_the_compiled_reference_the_kernel_inside_compile_counts_where_timed():
+    rows = visit() + [row("fused-compiled", 0.02, 0.03)]  # faster than compiled (0.05-0.06): its checks traced away
+    (found,) = fused_verdicts.verdicts_from_rows(rows)
+    assert (found.vs_reference, found.vs_compiled) == ("wins", "wins")
+    (found,) = fused_verdicts.verdicts_from_rows(visit())
+    assert found.vs_compiled == "loses"  # the eager kernel row (0.10-0.12) against compiled
+
+
 @pytest.mark.parametrize(
     "change",
     [dict(device="cpu", device_arch=""), dict(subject="online_kd"), dict(timing="cuda-graph"), dict(error="boom")],
