@@ -118,7 +118,9 @@ class Training:
         text = "on" if fused_enabled(config.fused_loss, self.device) else "off"
         measured = measured_here("mde_head", self.device) if config.method == "mde" else 0
         if text == "on" and config.fused_loss == "auto" and measured:
-            text += f" (the head where {measured} GPU verdicts measured it no slower: okdfast/ops/fused_verdicts.json)"
+            text += (
+                f" (MDE's head: where the {measured} verdicts for this GPU in okdfast/ops/fused_verdicts.json allow)"
+            )
         return text
 
     def header(self) -> list[str]:
