@@ -101,13 +101,8 @@ from benchmarks.harness import (  # noqa: E402
 from okdfast.compat import compiled_kernels, raise_recompile_limit  # noqa: E402
 from okdfast.ops.dispatch import triton_runs_on  # noqa: E402
 from okdfast.ops.fused_default import DTYPE_NAMES  # noqa: E402
-from okdfast.ops.mde_head import mde_head  # noqa: E402
-from okdfast.ops.mde_head_options import (  # noqa: E402
-    MDE_HEAD_LAYOUTS,
-    MDEHeadOptions,
-    attention_layout,
-    head_kd_options,
-)
+from okdfast.ops.mde_head import head_kernel_options, mde_head  # noqa: E402
+from okdfast.ops.mde_head_options import MDE_HEAD_LAYOUTS, MDEHeadOptions  # noqa: E402
 from okdfast.ops.online_kd import online_kd, teacher_is_trained  # noqa: E402
 from okdfast.ops.online_kd_options import OnlineKDOptions, teacher_weight_layout  # noqa: E402
 from okdfast.ops.reference import mde_head_reference, online_kd_reference  # noqa: E402
@@ -323,8 +318,6 @@ def mde_head_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.dev
     def op(z, y, a, w):  # the public op as a user calls it
         return mde_head(z, y, a, options, w)[0]
 
-    from okdfast.kernels.online_kd import launch_config
-
     return Call(
         args=args,
         wrt=[logits, attention],
@@ -334,7 +327,7 @@ def mde_head_call(form: str, shape: Shape, dtype: torch.dtype, device: torch.dev
         },
         fns={"reference": reference, "fused": fused, "composed": composed, "op": op},
         tolerance=1e-4 if dtype == torch.float32 else 2e-2,
-        launch=launch_config(shape[1], shape[2], shape[1], True).describe(),
+        launch=head_launch_config(shape).describe(),
     )
 
 
@@ -706,8 +699,6 @@ def launcher_calls(
 ) -> dict[str, Callable]:
     """fwd, bwd and fwd+bwd of the online-KD kernels through their host launchers at a forced launch config, with
     the arguments the op passes (``okdfast.ops.online_kd``); ``state`` keeps the last forward's outputs."""
-    from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
-
     logits, target, teacher, weights, kd_weight = call.args
     batch, branches, _ = logits.shape
     options = form_options(form, branches)
@@ -719,12 +710,33 @@ def launcher_calls(
     needs = (needs[0], needs[1] and teacher.requires_grad, needs[2] and weights.requires_grad)
     z, t = logits.detach(), None if teacher is None else teacher.detach()
     w = None if weights is None else weights.detach()
-    grad = torch.ones((), dtype=torch.float32, device=logits.device)
     config = {"block_c": block_c, "num_warps": num_warps, "rows_per_program": rows_per_program}
+    return _launcher_phases((z, target, t, w, kd, options, weight_rows), needs, config)
+
+
+def head_launcher_calls(call: Call, block_c: int, num_warps: int, rows_per_program: int = 1) -> dict[str, Callable]:
+    """:func:`launcher_calls` for MDE's head: the kernels' attention mode with the arguments ``okdfast.ops.mde_head``
+    passes them (the attention logits as the weights, K teacher rows, the head's options)."""
+    logits, target, attention, kd_weight = call.args
+    z, a = logits.detach(), attention.detach()
+    options = head_kernel_options(z, a, MDE_HEAD_OPTIONS)
+    kd = kd_weight.detach().reshape(()).to(torch.float32)
+    config = {"block_c": block_c, "num_warps": num_warps, "rows_per_program": rows_per_program}
+    config["head"] = MDE_HEAD_OPTIONS
+    return _launcher_phases((z, target, None, a, kd, options, logits.shape[1]), (True, False, True), config)
+
+
+def _launcher_phases(inputs: tuple, needs: tuple[bool, bool, bool], config: dict[str, Any]) -> dict[str, Callable]:
+    """fwd, bwd and fwd+bwd of the launchers on ``inputs`` (logits, target, teacher, weights, kd_weight, options,
+    weight_rows); ``state`` keeps the last forward's outputs and the gradients (d logits, d teacher, d weights)."""
+    from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
+
+    z, target, t, w, kd, options, weight_rows = inputs
+    grad = torch.ones((), dtype=torch.float32, device=z.device)
     state: dict[str, Any] = {}
 
     def fwd():
-        state["out"] = online_kd_forward(z, target, t, w, kd, options, weight_rows, **config)
+        state["out"] = online_kd_forward(*inputs, **config)
 
     def bwd():
         _, summary, stats = state["out"]
@@ -738,35 +750,11 @@ def launcher_calls(
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "state": state, "needs": needs}
 
 
-def head_launcher_calls(call: Call, block_c: int, num_warps: int, rows_per_program: int = 1) -> dict[str, Callable]:
-    """:func:`launcher_calls` for MDE's head: the kernels' attention mode with the arguments ``okdfast.ops.mde_head``
-    passes them (the attention logits as the weights, K teacher rows, the head's options)."""
-    from okdfast.kernels.online_kd import online_kd_backward, online_kd_forward
+def head_launch_config(shape: Shape):
+    """The launch configuration the head's kernels pick at ``shape``: one weighted teacher row per branch."""
+    from okdfast.kernels.online_kd import launch_config
 
-    logits, target, attention, kd_weight = call.args
-    batch, branches, _ = logits.shape
-    head = MDE_HEAD_OPTIONS
-    options = head_kd_options(head, branches, attention_layout(attention, batch, branches - 1))
-    kd = kd_weight.detach().reshape(()).to(torch.float32)
-    z, a = logits.detach(), attention.detach()
-    grad = torch.ones((), dtype=torch.float32, device=logits.device)
-    config = {"block_c": block_c, "num_warps": num_warps, "rows_per_program": rows_per_program, "head": head}
-    state: dict[str, Any] = {}
-
-    def fwd():
-        state["out"] = online_kd_forward(z, target, None, a, kd, options, branches, **config)
-
-    def bwd():
-        _, summary, stats = state["out"]
-        gz, _, ga = online_kd_backward(grad, z, target, None, a, kd, summary, stats, options, branches,
-                                       (True, False, True), **config)  # fmt: skip
-        state["grads"] = [gz, ga]
-
-    def both():
-        fwd()
-        bwd()
-
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "state": state, "needs": (True, False, True)}
+    return launch_config(shape[1], shape[2], shape[1], True)
 
 
 def sweep_subject(case: SweepCase, dtype: torch.dtype, device: torch.device) -> tuple[Call, Any, Callable]:
@@ -775,8 +763,8 @@ def sweep_subject(case: SweepCase, dtype: torch.dtype, device: torch.device) -> 
 
     batch, branches, classes = case.shape
     call = SUBJECTS[case.subject].make_call(case.form, case.shape, dtype, device)
-    if case.subject == "mde_head":  # the head's teacher rows: one per branch, weighted (okdfast.ops.mde_head)
-        return call, launch_config(branches, classes, branches, True), lambda *c: head_launcher_calls(call, *c)
+    if case.subject == "mde_head":
+        return call, head_launch_config(case.shape), lambda *config: head_launcher_calls(call, *config)
     weights = call.args[3]
     rows = teacher_weight_layout(weights, batch, branches)[0] if weights is not None else 1
     default = launch_config(branches, classes, rows, weights is not None)

@@ -9,9 +9,8 @@ reference and torch.compile of it at the same shape, dtype and layout: :func:`be
 kernel against each, from the rows' 20th and 80th percentiles. Against the compiled reference the kernel's row is
 ``fused-compiled`` (the op inside torch.compile, as a compiled step calls it: its input checks traced away) where the
 run timed it (``--impls reference compiled fused fused-compiled``; the visits' presets do not, for time), else
-``fused``. A shape measured by several runs keeps the newest
-run's (the row's ``date``). A row that failed (its ``error`` column) gives nothing. What the default then does
-with them: ``okdfast/ops/fused_default.py``.
+``fused``. A shape measured by several runs keeps the newest run's (the row's ``date``). A row that failed (its
+``error`` column) gives nothing. What the default then does with them: ``okdfast/ops/fused_default.py``.
 """
 
 from __future__ import annotations

@@ -81,12 +81,18 @@ def device_arch(device: torch.device | str) -> str:
     return f"sm_{properties.major}{properties.minor}"
 
 
+def verdicts_here(op: str, device: torch.device | str, verdicts: tuple[Verdict, ...]) -> list[Verdict]:
+    """``op``'s verdicts for the architecture of ``device``; none measured for ``op`` at all: no device query (so
+    nothing for torch.compile to trace)."""
+    if not any(v.op == op for v in verdicts):
+        return []
+    arch = device_arch(device)
+    return [v for v in verdicts if v.op == op and v.arch == arch]
+
+
 def measured_here(op: str, device: torch.device | str) -> int:
     """How many verdicts ``op`` has for the architecture of ``device`` (the run's log line says it)."""
-    if not any(v.op == op for v in VERDICTS):
-        return 0
-    arch = device_arch(device)
-    return sum(v.op == op and v.arch == arch for v in VERDICTS)
+    return len(verdicts_here(op, device, VERDICTS))
 
 
 def shape_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
@@ -97,12 +103,10 @@ def shape_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 def kernel_by_default(op: str, logits: Tensor, layout: str, verdicts: tuple[Verdict, ...] | None = None) -> bool:
     """Whether ``kernel=None`` runs ``op``'s kernel for ``logits`` (B, K, C) in ``layout``, the kernel being able
     to run there (the rule in this module's docstring). ``verdicts``: :data:`VERDICTS` unless given."""
-    verdicts = VERDICTS if verdicts is None else verdicts
-    if not any(v.op == op for v in verdicts):  # nothing measured: no device query, no shape read to trace
-        return True
-    key = (op, device_arch(logits.device), DTYPE_NAMES.get(logits.dtype, str(logits.dtype)), layout)
-    measured = [v for v in verdicts if (v.op, v.arch, v.dtype, v.layout) == key]
-    if not measured:
+    here = verdicts_here(op, logits.device, VERDICTS if verdicts is None else verdicts)
+    dtype = DTYPE_NAMES.get(logits.dtype, str(logits.dtype))
+    measured = [v for v in here if (v.dtype, v.layout) == (dtype, layout)]
+    if not measured:  # nothing measured here: the kernel, and no shape read to trace
         return True
     shape = tuple(int(n) for n in logits.shape)
     nearest = min(measured, key=lambda v: (shape_distance(v.shape, shape), v.shape))

@@ -62,7 +62,8 @@ def _acc(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _kd_options(logits: Tensor, attention_logits: Tensor, head: MDEHeadOptions):
+def head_kernel_options(logits: Tensor, attention_logits: Tensor, head: MDEHeadOptions):
+    """The online-KD options the kernels' attention mode runs the head with (the launchers' ``options``)."""
     num_branches = logits.shape[1]
     return head_kd_options(head, num_branches, attention_layout(attention_logits, logits.shape[0], num_branches - 1))
 
@@ -73,7 +74,7 @@ def _fwd(logits, target, attention_logits, kd_weight, *options):
     from okdfast.kernels.online_kd import online_kd_forward
 
     head = MDEHeadOptions.from_args(options)
-    kd_options = _kd_options(logits, attention_logits, head)
+    kd_options = head_kernel_options(logits, attention_logits, head)
     return online_kd_forward(logits, target, None, attention_logits, kd_weight, kd_options, logits.shape[1], head=head)
 
 
@@ -95,7 +96,7 @@ def _bwd(grad_loss, logits, target, attention_logits, kd_weight, summary, stats,
     from okdfast.kernels.online_kd import online_kd_backward
 
     head = MDEHeadOptions.from_args(options)
-    kd_options = _kd_options(logits, attention_logits, head)
+    kd_options = head_kernel_options(logits, attention_logits, head)
     gz, _, ga = online_kd_backward(
         grad_loss, logits, target, None, attention_logits, kd_weight, summary, stats, kd_options, logits.shape[1],
         (need_z, False, need_a), head=head,
